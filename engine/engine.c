@@ -1,0 +1,1223 @@
+/* The engine thread: a libuv loop owning the index writes, the hashing of shared files and the
+ * reads that wait for data. See engine.h for the threading contract. */
+#include "engine/engine.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "engine/hash_file.h"
+#include "engine/log.h"
+#include "engine/merkle.h"
+#include "engine/root_name.h"
+
+#define FLUSH_INTERVAL_MS 1000
+#define HASH_RETRIES 3        /* a file that keeps changing while read is marked failed */
+#define SCAN_DEPTH_LIMIT 256  /* deeper directories in shared/ are not scanned */
+
+enum msg_kind {
+    MSG_WRITTEN,
+    MSG_ATTR_CHANGED,
+    MSG_REMOVED,
+    MSG_RENAMED,
+    MSG_READ,
+    MSG_CANCEL,
+    MSG_PUT_BLOCK,
+    MSG_IDLE,
+};
+
+/* One unit of work handed from another thread to the loop. */
+struct msg {
+    enum msg_kind kind;
+    struct msg *next;
+    uint64_t num;          /* inode (REMOVED), token (READ, CANCEL), block (PUT_BLOCK) */
+    char *path, *path2;    /* WRITTEN, ATTR_CHANGED, RENAMED */
+    struct dg_content *content;
+    uint64_t off;
+    size_t len;
+    dg_engine_read_cb read_cb;
+    void (*idle_fn)(void *arg);
+    void *arg;
+    uint8_t root[32];
+    void *data; /* PUT_BLOCK */
+};
+
+/* A read waiting for blocks. */
+struct waiter {
+    struct dg_engine *e;
+    uint64_t token;
+    struct dg_content *content;
+    uint64_t off;
+    size_t len;
+    dg_engine_read_cb cb;
+    void *arg;
+    uv_timer_t timer;
+    struct waiter *prev, *next;
+};
+
+/* A shared file to (re)hash. */
+struct hash_task {
+    struct dg_engine *e;
+    char *path;            /* relative to shared/; rewritten by renames */
+    int running;
+    int dirty;             /* changed again while running: hash again */
+    int retries;
+    uv_work_t work;
+    /* result, filled on the pool thread */
+    int status;
+    struct dg_file_hash hash;
+    struct hash_task *next;
+};
+
+/* A waiter for dg_engine_when_idle(). */
+struct idle_waiter {
+    void (*fn)(void *arg);
+    void *arg;
+    struct idle_waiter *next;
+};
+
+/* Files found by the startup scan. */
+struct scan_entry {
+    char *path;
+    struct stat st;
+};
+
+struct scan_result {
+    struct dg_engine *e;
+    uv_work_t work;
+    struct scan_entry *entries;
+    size_t count, cap;
+    int status;
+};
+
+struct dg_engine {
+    struct dg_engine_config cfg;
+    char *data_dir, *cache_dir, *shared_dir, *index_dir;
+    struct dg_piece_cache *cache;
+
+    uv_loop_t loop;
+    uv_async_t wake;
+    uv_timer_t flush_timer;
+    pthread_t thread;
+    int started, stopped;
+
+    pthread_mutex_t queue_lock; /* guards the message queue, stopping and next_token */
+    struct msg *queue_head, *queue_tail;
+    int stopping;
+    uint64_t next_token;
+
+    /* loop thread only */
+    struct hash_task *tasks;
+    unsigned tasks_running;
+    struct waiter *waiters;
+    struct idle_waiter *idle_waiters;
+    int scanning;
+    int shutting_down; /* the loop's own copy of stopping */
+};
+
+struct dg_content {
+    atomic_int refs;
+    struct dg_engine *e;
+    uint8_t root[32];
+    uint64_t length;
+    int fd;               /* backing shared file, or -1 for block storage */
+    uint64_t size;        /* stat snapshot of the backing file */
+    int64_t mtime_ns;
+    atomic_int changed;   /* backing file changed under the reader */
+    char *path;           /* relative path of the backing file (for rehashing) */
+};
+
+static void pump_hash_tasks(struct dg_engine *e);
+static void check_idle(struct dg_engine *e);
+
+/* ---------------------------------------------------------------- setup */
+
+static char *join_path(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    char *p = malloc(la + lb + 2);
+
+    if (!p)
+        return NULL;
+    memcpy(p, a, la);
+    p[la] = '/';
+    memcpy(p + la + 1, b, lb + 1);
+    return p;
+}
+
+int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
+{
+    struct dg_engine *e;
+    int rc = -ENOMEM;
+
+    if (!cfg->data_dir || !cfg->cache_dir)
+        return -EINVAL;
+    e = calloc(1, sizeof(*e));
+    if (!e)
+        return -ENOMEM;
+    e->cfg = *cfg;
+    if (e->cfg.hash_jobs == 0)
+        e->cfg.hash_jobs = 2;
+    if (e->cfg.read_timeout_ms == 0)
+        e->cfg.read_timeout_ms = 60000;
+    pthread_mutex_init(&e->queue_lock, NULL);
+    e->next_token = 1;
+    e->data_dir = strdup(cfg->data_dir);
+    e->cache_dir = strdup(cfg->cache_dir);
+    if (!e->data_dir || !e->cache_dir)
+        goto fail;
+    e->shared_dir = join_path(e->data_dir, "shared");
+    e->index_dir = join_path(e->data_dir, "index");
+    if (!e->shared_dir || !e->index_dir)
+        goto fail;
+    /* The piece cache creates data_dir (and its parents) with the index. */
+    if ((rc = dg_piece_cache_open(e->index_dir, e->cache_dir, &e->cache)) < 0) {
+        dg_log(DG_LOG_ERROR, "engine", "cannot open the index in %s: %s", e->index_dir,
+               strerror(-rc));
+        goto fail;
+    }
+    if (mkdir(e->shared_dir, 0755) < 0 && errno != EEXIST) {
+        rc = -errno;
+        dg_log(DG_LOG_ERROR, "engine", "cannot create %s: %s", e->shared_dir, strerror(errno));
+        goto fail;
+    }
+    e->cfg.data_dir = e->data_dir;
+    e->cfg.cache_dir = e->cache_dir;
+    *out = e;
+    return 0;
+
+fail:
+    dg_piece_cache_close(e->cache);
+    free(e->data_dir);
+    free(e->cache_dir);
+    free(e->shared_dir);
+    free(e->index_dir);
+    pthread_mutex_destroy(&e->queue_lock);
+    free(e);
+    return rc;
+}
+
+const char *dg_engine_shared_dir(const struct dg_engine *e)
+{
+    return e->shared_dir;
+}
+
+struct dg_piece_cache *dg_engine_cache(struct dg_engine *e)
+{
+    return e->cache;
+}
+
+/* ---------------------------------------------------------------- queue */
+
+static void free_msg(struct msg *m)
+{
+    free(m->path);
+    free(m->path2);
+    free(m->data);
+    free(m);
+}
+
+/* Queues @p m for the loop. Returns -ESHUTDOWN (and frees nothing) once stopping. */
+static int post(struct dg_engine *e, struct msg *m)
+{
+    pthread_mutex_lock(&e->queue_lock);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->queue_lock);
+        return -ESHUTDOWN;
+    }
+    m->next = NULL;
+    if (e->queue_tail)
+        e->queue_tail->next = m;
+    else
+        e->queue_head = m;
+    e->queue_tail = m;
+    pthread_mutex_unlock(&e->queue_lock);
+    if (e->started)
+        uv_async_send(&e->wake);
+    return 0;
+}
+
+static struct msg *new_msg(enum msg_kind kind)
+{
+    struct msg *m = calloc(1, sizeof(*m));
+
+    if (m)
+        m->kind = kind;
+    return m;
+}
+
+static void post_path(struct dg_engine *e, enum msg_kind kind, const char *a, const char *b)
+{
+    struct msg *m = new_msg(kind);
+
+    if (!m || !(m->path = strdup(a)) || (b && !(m->path2 = strdup(b)))) {
+        dg_log(DG_LOG_ERROR, "engine", "out of memory: lost a notification for %s", a);
+        if (m)
+            free_msg(m);
+        return;
+    }
+    if (post(e, m) < 0)
+        free_msg(m);
+}
+
+void dg_engine_shared_written(struct dg_engine *e, const char *relpath)
+{
+    post_path(e, MSG_WRITTEN, relpath, NULL);
+}
+
+void dg_engine_shared_attr_changed(struct dg_engine *e, const char *relpath)
+{
+    post_path(e, MSG_ATTR_CHANGED, relpath, NULL);
+}
+
+void dg_engine_shared_renamed(struct dg_engine *e, const char *from, const char *to)
+{
+    post_path(e, MSG_RENAMED, from, to);
+}
+
+void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino)
+{
+    struct msg *m = new_msg(MSG_REMOVED);
+
+    if (!m)
+        return;
+    m->num = ino;
+    if (post(e, m) < 0)
+        free_msg(m);
+}
+
+int dg_engine_when_idle(struct dg_engine *e, void (*fn)(void *arg), void *arg)
+{
+    struct msg *m = new_msg(MSG_IDLE);
+    int rc;
+
+    if (!m)
+        return -ENOMEM;
+    m->idle_fn = fn;
+    m->arg = arg;
+    if ((rc = post(e, m)) < 0)
+        free_msg(m);
+    return rc;
+}
+
+int dg_engine_put_block(struct dg_engine *e, const uint8_t root[32], uint64_t block,
+                        const void *data, size_t len)
+{
+    struct msg *m = new_msg(MSG_PUT_BLOCK);
+    int rc;
+
+    if (!m || !(m->data = malloc(len ? len : 1))) {
+        free(m);
+        return -ENOMEM;
+    }
+    memcpy(m->root, root, 32);
+    memcpy(m->data, data, len);
+    m->num = block;
+    m->len = len;
+    if ((rc = post(e, m)) < 0)
+        free_msg(m);
+    return rc;
+}
+
+int dg_engine_read(struct dg_engine *e, struct dg_content *c, uint64_t off, size_t len,
+                   dg_engine_read_cb cb, void *arg, uint64_t *token)
+{
+    struct msg *m = new_msg(MSG_READ);
+
+    if (!m)
+        return -ENOMEM;
+    dg_content_ref(c);
+    m->content = c;
+    m->off = off;
+    m->len = len;
+    m->read_cb = cb;
+    m->arg = arg;
+    pthread_mutex_lock(&e->queue_lock);
+    m->num = e->next_token++;
+    pthread_mutex_unlock(&e->queue_lock);
+    if (token)
+        *token = m->num;
+    if (post(e, m) < 0) {
+        /* Stopping: the callback is still owed exactly once. */
+        cb(arg, -ESHUTDOWN, NULL);
+        dg_content_unref(c);
+        free_msg(m);
+    }
+    return 0;
+}
+
+void dg_engine_cancel(struct dg_engine *e, uint64_t token)
+{
+    struct msg *m = new_msg(MSG_CANCEL);
+
+    if (!m)
+        return;
+    m->num = token;
+    if (post(e, m) < 0)
+        free_msg(m);
+}
+
+/* ---------------------------------------------------------------- hashing */
+
+static struct hash_task *find_task(struct dg_engine *e, const char *path)
+{
+    for (struct hash_task *t = e->tasks; t; t = t->next)
+        if (strcmp(t->path, path) == 0)
+            return t;
+    return NULL;
+}
+
+static void remove_task(struct dg_engine *e, struct hash_task *task)
+{
+    for (struct hash_task **pp = &e->tasks; *pp; pp = &(*pp)->next) {
+        if (*pp == task) {
+            *pp = task->next;
+            break;
+        }
+    }
+    dg_file_hash_clear(&task->hash);
+    free(task->path);
+    free(task);
+}
+
+static int stat_shared(struct dg_engine *e, const char *relpath, struct stat *st)
+{
+    char *full = join_path(e->shared_dir, relpath);
+    int rc;
+
+    if (!full)
+        return -ENOMEM;
+    rc = lstat(full, st) < 0 ? -errno : 0;
+    free(full);
+    if (rc == 0 && !S_ISREG(st->st_mode))
+        rc = -EISDIR;
+    return rc;
+}
+
+/* Queues a (re)hash of @p relpath and marks it as being hashed in the index. */
+static void queue_hash(struct dg_engine *e, const char *relpath)
+{
+    struct hash_task *task = find_task(e, relpath);
+    struct stat st;
+
+    if (dg_relpath_check(relpath, strlen(relpath)) < 0) {
+        dg_log(DG_LOG_WARN, "engine", "not hashing a file with an invalid path");
+        return;
+    }
+    if (task) {
+        if (task->running)
+            task->dirty = 1;
+        task->retries = 0;
+        return;
+    }
+    if (stat_shared(e, relpath, &st) < 0)
+        return; /* gone or not a regular file: a removal notification follows */
+    if (dg_piece_cache_shared_begin(e->cache, relpath, &st) < 0)
+        dg_log(DG_LOG_ERROR, "engine", "index: cannot record %s", relpath);
+    task = calloc(1, sizeof(*task));
+    if (!task || !(task->path = strdup(relpath))) {
+        free(task);
+        dg_log(DG_LOG_ERROR, "engine", "out of memory: %s is not hashed", relpath);
+        return;
+    }
+    task->e = e;
+    task->next = e->tasks;
+    e->tasks = task;
+    pump_hash_tasks(e);
+}
+
+static void hash_work(uv_work_t *req)
+{
+    struct hash_task *task = req->data;
+    char *full = join_path(task->e->shared_dir, task->path);
+    int fd;
+
+    memset(&task->hash, 0, sizeof(task->hash));
+    if (!full) {
+        task->status = -ENOMEM;
+        return;
+    }
+    fd = open(full, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    free(full);
+    if (fd < 0) {
+        task->status = -errno;
+        return;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+        task->status = -EISDIR;
+    else
+        task->status = dg_hash_fd(fd, &task->hash);
+    close(fd);
+}
+
+static int same_content_stat(const struct stat *a, const struct stat *b)
+{
+    return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+static void hash_done(uv_work_t *req, int status)
+{
+    struct hash_task *task = req->data;
+    struct dg_engine *e = task->e;
+    struct stat now;
+    char hex[DG_ROOT_HEX_LEN + 1];
+
+    task->running = 0;
+    e->tasks_running--;
+    if (status == UV_ECANCELED || e->shutting_down) {
+        remove_task(e, task);
+        return;
+    }
+    int st_rc = stat_shared(e, task->path, &now);
+    if (task->dirty) {
+        /* Written again while we read it: start over. */
+        task->dirty = 0;
+        dg_file_hash_clear(&task->hash);
+        if (st_rc == 0)
+            dg_piece_cache_shared_begin(e->cache, task->path, &now);
+        pump_hash_tasks(e);
+        return;
+    }
+    if (task->status == 0 && st_rc == 0 && !same_content_stat(&now, &task->hash.st))
+        task->status = -EAGAIN; /* changed after the last read, or replaced */
+    if (task->status == -EAGAIN && st_rc == 0 && ++task->retries <= HASH_RETRIES) {
+        dg_file_hash_clear(&task->hash);
+        pump_hash_tasks(e);
+        return;
+    }
+    if (st_rc < 0 || task->status == -ENOENT) {
+        /* Gone (or renamed away and the rename not seen yet): nothing to record under this
+         * path; the removal or rename notification settles the index. */
+    } else if (task->status == 0) {
+        dg_root_format(task->hash.root, hex);
+        int rc = dg_piece_cache_shared_done(e->cache, task->path, &task->hash.st,
+                                            task->hash.root, task->hash.piece_size,
+                                            task->hash.layer, task->hash.layer_count);
+        if (rc < 0)
+            dg_log(DG_LOG_ERROR, "engine", "index: cannot record the root of %s: %s",
+                   task->path, strerror(-rc));
+        else
+            dg_log(DG_LOG_DEBUG, "engine", "hashed %s: %s", task->path, hex);
+    } else {
+        int err = task->status == -EAGAIN ? EBUSY : -task->status;
+        dg_log(DG_LOG_WARN, "engine", "cannot hash %s: %s", task->path, strerror(err));
+        dg_piece_cache_shared_failed(e->cache, task->path, &now, err);
+    }
+    remove_task(e, task);
+    pump_hash_tasks(e);
+    check_idle(e);
+}
+
+static void pump_hash_tasks(struct dg_engine *e)
+{
+    if (e->shutting_down)
+        return;
+    for (struct hash_task *t = e->tasks; t && e->tasks_running < e->cfg.hash_jobs; t = t->next) {
+        if (t->running)
+            continue;
+        t->running = 1;
+        t->status = 0;
+        t->work.data = t;
+        e->tasks_running++;
+        if (uv_queue_work(&e->loop, &t->work, hash_work, hash_done) < 0) {
+            t->running = 0;
+            e->tasks_running--;
+            break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- startup scan */
+
+static int scan_add(struct scan_result *r, const char *path, const struct stat *st)
+{
+    if (r->count == r->cap) {
+        size_t cap = r->cap ? 2 * r->cap : 256;
+        struct scan_entry *n = realloc(r->entries, cap * sizeof(*n));
+        if (!n)
+            return -ENOMEM;
+        r->entries = n;
+        r->cap = cap;
+    }
+    if (!(r->entries[r->count].path = strdup(path)))
+        return -ENOMEM;
+    r->entries[r->count++].st = *st;
+    return 0;
+}
+
+/* Walks directory @p dirfd (at relative path @p rel, "" for shared/ itself). */
+static int scan_dir(struct scan_result *r, int fd, const char *rel, int depth)
+{
+    DIR *dir;
+    struct dirent *de;
+    int rc = 0;
+
+    if (depth > SCAN_DEPTH_LIMIT) {
+        close(fd);
+        return 0;
+    }
+    dir = fdopendir(fd);
+    if (!dir) {
+        close(fd);
+        return -errno;
+    }
+    while (rc == 0 && (de = readdir(dir))) {
+        struct stat st;
+        char path[PATH_MAX];
+
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        if (fstatat(dirfd(dir), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            continue;
+        int n = rel[0] ? snprintf(path, sizeof(path), "%s/%s", rel, de->d_name)
+                       : snprintf(path, sizeof(path), "%s", de->d_name);
+        if (n < 0 || (size_t)n >= sizeof(path))
+            continue;
+        if (S_ISREG(st.st_mode)) {
+            rc = scan_add(r, path, &st);
+        } else if (S_ISDIR(st.st_mode)) {
+            int sub = openat(dirfd(dir), de->d_name,
+                             O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub >= 0)
+                rc = scan_dir(r, sub, path, depth + 1);
+        }
+    }
+    closedir(dir);
+    return rc;
+}
+
+static void scan_work(uv_work_t *req)
+{
+    struct scan_result *r = req->data;
+    int fd = open(r->e->shared_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+    r->status = fd < 0 ? -errno : scan_dir(r, fd, "", 0);
+}
+
+static int compare_ino(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+struct stale_list {
+    const uint64_t *seen;
+    size_t seen_count;
+    uint64_t *gone;
+    size_t count, cap;
+};
+
+static int collect_gone(void *arg, const struct dg_shared_file *f)
+{
+    struct stale_list *s = arg;
+
+    if (bsearch(&f->ino, s->seen, s->seen_count, sizeof(uint64_t), compare_ino))
+        return 0;
+    if (s->count == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 64;
+        uint64_t *n = realloc(s->gone, cap * sizeof(*n));
+        if (!n)
+            return -ENOMEM;
+        s->gone = n;
+        s->cap = cap;
+    }
+    s->gone[s->count++] = f->ino;
+    return 0;
+}
+
+static int snapshot_matches(const struct dg_shared_file *f, const struct stat *st)
+{
+    return f->dev == (uint64_t)st->st_dev && f->size == (uint64_t)st->st_size &&
+           f->mtime_ns == (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec &&
+           f->ctime_ns == (int64_t)st->st_ctim.tv_sec * 1000000000 + st->st_ctim.tv_nsec;
+}
+
+/* Reconciles the index with what the scan found: unchanged files keep their root (their path
+ * is refreshed), new or changed ones are rehashed, vanished ones are forgotten. */
+static void scan_done(uv_work_t *req, int status)
+{
+    struct scan_result *r = req->data;
+    struct dg_engine *e = r->e;
+    struct stale_list stale = {0};
+    struct dg_shared_file *f = malloc(sizeof(*f));
+    uint64_t *inos = NULL;
+    size_t rehash = 0;
+
+    e->scanning = 0;
+    if (status == 0 && r->status == 0 && f && !e->shutting_down) {
+        inos = malloc((r->count ? r->count : 1) * sizeof(*inos));
+        for (size_t i = 0; inos && i < r->count; i++)
+            inos[i] = (uint64_t)r->entries[i].st.st_ino;
+        if (inos) {
+            qsort(inos, r->count, sizeof(*inos), compare_ino);
+            stale.seen = inos;
+            stale.seen_count = r->count;
+            if (dg_piece_cache_shared_each(e->cache, collect_gone, &stale) == 0) {
+                for (size_t i = 0; i < stale.count; i++)
+                    dg_piece_cache_shared_remove(e->cache, stale.gone[i]);
+            }
+        }
+        for (size_t i = 0; i < r->count; i++) {
+            const struct scan_entry *s = &r->entries[i];
+            int rc = dg_piece_cache_shared_get(e->cache, (uint64_t)s->st.st_ino, f);
+            if (rc == 0 && f->state == DG_SHARED_HASHED && snapshot_matches(f, &s->st)) {
+                if (strcmp(f->path, s->path) != 0)
+                    dg_piece_cache_shared_restat(e->cache, s->path, &s->st);
+                continue;
+            }
+            queue_hash(e, s->path);
+            rehash++;
+        }
+        dg_log(DG_LOG_INFO, "engine", "shared/: %zu files, %zu to hash, %zu gone", r->count,
+               rehash, stale.count);
+    } else if (r->status < 0) {
+        dg_log(DG_LOG_ERROR, "engine", "cannot scan %s: %s", e->shared_dir,
+               strerror(-r->status));
+    }
+    for (size_t i = 0; i < r->count; i++)
+        free(r->entries[i].path);
+    free(r->entries);
+    free(r);
+    free(f);
+    free(inos);
+    free(stale.gone);
+    check_idle(e);
+}
+
+/* ---------------------------------------------------------------- waiting reads */
+
+static void waiter_unlink(struct dg_engine *e, struct waiter *w)
+{
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        e->waiters = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+}
+
+static void waiter_closed(uv_handle_t *h)
+{
+    struct waiter *w = h->data;
+
+    dg_content_unref(w->content);
+    free(w);
+}
+
+/* Completes @p w with @p status (a byte count when @p data is given) and frees it. */
+static void waiter_finish(struct waiter *w, ssize_t status, const void *data)
+{
+    waiter_unlink(w->e, w);
+    uv_timer_stop(&w->timer);
+    w->cb(w->arg, status, data);
+    uv_close((uv_handle_t *)&w->timer, waiter_closed);
+}
+
+static void waiter_timeout(uv_timer_t *timer)
+{
+    struct waiter *w = timer->data;
+
+    dg_log(DG_LOG_DEBUG, "engine", "read of %zu bytes at %llu timed out", w->len,
+           (unsigned long long)w->off);
+    waiter_finish(w, -ETIMEDOUT, NULL);
+}
+
+/* Tries to answer @p w from held data. Returns 1 when it was answered (and freed). */
+static int waiter_try(struct waiter *w)
+{
+    void *buf = malloc(w->len ? w->len : 1);
+    ssize_t n;
+
+    if (!buf) {
+        waiter_finish(w, -ENOMEM, NULL);
+        return 1;
+    }
+    n = dg_content_read(w->content, buf, w->len, w->off);
+    if (n == -EAGAIN) {
+        free(buf);
+        return 0;
+    }
+    waiter_finish(w, n, n >= 0 ? buf : NULL);
+    free(buf);
+    return 1;
+}
+
+static void start_read(struct dg_engine *e, struct msg *m)
+{
+    struct waiter *w = calloc(1, sizeof(*w));
+
+    if (!w) {
+        m->read_cb(m->arg, -ENOMEM, NULL);
+        dg_content_unref(m->content);
+        return;
+    }
+    w->e = e;
+    w->token = m->num;
+    w->content = m->content; /* the message's reference moves to the waiter */
+    w->off = m->off;
+    w->len = m->len;
+    w->cb = m->read_cb;
+    w->arg = m->arg;
+    uv_timer_init(&e->loop, &w->timer);
+    w->timer.data = w;
+    w->next = e->waiters;
+    if (e->waiters)
+        e->waiters->prev = w;
+    e->waiters = w;
+    if (waiter_try(w))
+        return;
+    uv_timer_start(&w->timer, waiter_timeout, e->cfg.read_timeout_ms, 0);
+}
+
+static void cancel_read(struct dg_engine *e, uint64_t token)
+{
+    for (struct waiter *w = e->waiters; w; w = w->next) {
+        if (w->token == token) {
+            waiter_finish(w, -EINTR, NULL);
+            return;
+        }
+    }
+}
+
+/* Answers the waiters of @p root that can be answered now. */
+static void wake_waiters(struct dg_engine *e, const uint8_t root[32])
+{
+    struct waiter *w = e->waiters, *next;
+
+    for (; w; w = next) {
+        next = w->next;
+        if (memcmp(w->content->root, root, 32) == 0)
+            waiter_try(w); /* may free w; next was taken before */
+    }
+}
+
+static void put_block(struct dg_engine *e, struct msg *m)
+{
+    char hex[DG_ROOT_HEX_LEN + 1];
+    int rc = dg_piece_cache_put_block(e->cache, m->root, m->num, m->data, m->len);
+
+    if (rc < 0) {
+        dg_root_format(m->root, hex);
+        dg_log(DG_LOG_WARN, "engine", "block %llu of %s rejected: %s",
+               (unsigned long long)m->num, hex, strerror(-rc));
+        return;
+    }
+    wake_waiters(e, m->root);
+}
+
+/* ---------------------------------------------------------------- loop */
+
+static int engine_idle(const struct dg_engine *e)
+{
+    return !e->scanning && e->tasks == NULL;
+}
+
+static void check_idle(struct dg_engine *e)
+{
+    if (!engine_idle(e))
+        return;
+    while (e->idle_waiters) {
+        struct idle_waiter *w = e->idle_waiters;
+        e->idle_waiters = w->next;
+        w->fn(w->arg);
+        free(w);
+    }
+}
+
+static void handle_msg(struct dg_engine *e, struct msg *m)
+{
+    struct stat st;
+    int rc;
+
+    switch (m->kind) {
+    case MSG_WRITTEN:
+        queue_hash(e, m->path);
+        break;
+    case MSG_ATTR_CHANGED:
+        if (stat_shared(e, m->path, &st) < 0)
+            break;
+        rc = dg_piece_cache_shared_restat(e->cache, m->path, &st);
+        if (rc == -ESTALE || (rc == -ENOENT && !find_task(e, m->path)))
+            queue_hash(e, m->path);
+        break;
+    case MSG_REMOVED:
+        dg_piece_cache_shared_remove(e->cache, m->num);
+        break;
+    case MSG_RENAMED: {
+        size_t from_len = strlen(m->path);
+        dg_piece_cache_shared_rename(e->cache, m->path, m->path2);
+        for (struct hash_task *t = e->tasks; t; t = t->next) {
+            size_t len = strlen(t->path);
+            if (len < from_len || memcmp(t->path, m->path, from_len) != 0 ||
+                (len > from_len && t->path[from_len] != '/'))
+                continue;
+            char *np = malloc(strlen(m->path2) + len - from_len + 1);
+            if (!np)
+                continue;
+            snprintf(np, strlen(m->path2) + len - from_len + 1, "%s%s", m->path2,
+                     t->path + from_len);
+            free(t->path);
+            t->path = np;
+        }
+        /* A renamed file's ctime moved: refresh its snapshot. */
+        if (stat_shared(e, m->path2, &st) == 0 &&
+            dg_piece_cache_shared_restat(e->cache, m->path2, &st) == -ESTALE)
+            queue_hash(e, m->path2);
+        break;
+    }
+    case MSG_READ:
+        start_read(e, m);
+        m->content = NULL;
+        break;
+    case MSG_CANCEL:
+        cancel_read(e, m->num);
+        break;
+    case MSG_PUT_BLOCK:
+        put_block(e, m);
+        break;
+    case MSG_IDLE: {
+        struct idle_waiter *w = malloc(sizeof(*w));
+        if (!w) {
+            m->idle_fn(m->arg);
+            break;
+        }
+        w->fn = m->idle_fn;
+        w->arg = m->arg;
+        w->next = e->idle_waiters;
+        e->idle_waiters = w;
+        break;
+    }
+    }
+}
+
+/* Winds the loop down: reads waiting are answered, hash jobs cancelled (a running one
+ * finishes and is discarded), handles closed so that uv_run() returns. */
+static void shut_down(struct dg_engine *e)
+{
+    e->shutting_down = 1;
+    while (e->waiters)
+        waiter_finish(e->waiters, -ESHUTDOWN, NULL);
+    while (e->idle_waiters) {
+        struct idle_waiter *w = e->idle_waiters;
+        e->idle_waiters = w->next;
+        w->fn(w->arg);
+        free(w);
+    }
+    for (struct hash_task *t = e->tasks; t; t = t->next)
+        if (t->running)
+            uv_cancel((uv_req_t *)&t->work);
+    uv_close((uv_handle_t *)&e->wake, NULL);
+    uv_close((uv_handle_t *)&e->flush_timer, NULL);
+}
+
+static void drain_queue(uv_async_t *async)
+{
+    struct dg_engine *e = async->data;
+    struct msg *m;
+    int stopping;
+
+    if (e->shutting_down)
+        return;
+    pthread_mutex_lock(&e->queue_lock);
+    m = e->queue_head;
+    e->queue_head = e->queue_tail = NULL;
+    stopping = e->stopping;
+    pthread_mutex_unlock(&e->queue_lock);
+    while (m) {
+        struct msg *next = m->next;
+        handle_msg(e, m);
+        free_msg(m);
+        m = next;
+    }
+    if (stopping)
+        shut_down(e);
+    else
+        check_idle(e);
+}
+
+static void flush_tick(uv_timer_t *timer)
+{
+    struct dg_engine *e = timer->data;
+    int rc = dg_piece_cache_flush(e->cache);
+
+    if (rc < 0)
+        dg_log(DG_LOG_ERROR, "engine", "flushing the piece cache: %s", strerror(-rc));
+}
+
+static void *engine_thread(void *arg)
+{
+    struct dg_engine *e = arg;
+
+    uv_run(&e->loop, UV_RUN_DEFAULT);
+    return NULL;
+}
+
+int dg_engine_start(struct dg_engine *e)
+{
+    struct scan_result *scan;
+    int rc;
+
+    if (e->started)
+        return 0;
+    scan = calloc(1, sizeof(*scan));
+    if (!scan)
+        return -ENOMEM;
+    if ((rc = uv_loop_init(&e->loop)) < 0) {
+        free(scan);
+        return rc;
+    }
+    uv_async_init(&e->loop, &e->wake, drain_queue);
+    e->wake.data = e;
+    uv_timer_init(&e->loop, &e->flush_timer);
+    e->flush_timer.data = e;
+    uv_timer_start(&e->flush_timer, flush_tick, FLUSH_INTERVAL_MS, FLUSH_INTERVAL_MS);
+    scan->e = e;
+    scan->work.data = scan;
+    e->scanning = 1;
+    /* Queued now, run by the pool once the loop thread is up. */
+    rc = uv_queue_work(&e->loop, &scan->work, scan_work, scan_done);
+    int queued = rc == 0;
+    if (rc == 0 && (rc = -pthread_create(&e->thread, NULL, engine_thread, e)) == 0) {
+        e->started = 1;
+        uv_async_send(&e->wake); /* messages posted before start */
+        return 0;
+    }
+    dg_log(DG_LOG_ERROR, "engine", "cannot start the engine thread: %s", strerror(-rc));
+    if (!queued)
+        free(scan);
+    e->shutting_down = 1;
+    uv_close((uv_handle_t *)&e->wake, NULL);
+    uv_close((uv_handle_t *)&e->flush_timer, NULL);
+    uv_run(&e->loop, UV_RUN_DEFAULT); /* lets a queued scan finish and free itself */
+    uv_loop_close(&e->loop);
+    return rc;
+}
+
+void dg_engine_stop(struct dg_engine *e)
+{
+    if (!e || !e->started || e->stopped)
+        return;
+    pthread_mutex_lock(&e->queue_lock);
+    e->stopping = 1;
+    pthread_mutex_unlock(&e->queue_lock);
+    uv_async_send(&e->wake);
+    pthread_join(e->thread, NULL);
+    e->stopped = 1;
+    /* Tasks whose jobs never started were not freed by the loop. */
+    while (e->tasks)
+        remove_task(e, e->tasks);
+    uv_loop_close(&e->loop);
+    dg_piece_cache_flush(e->cache);
+}
+
+void dg_engine_free(struct dg_engine *e)
+{
+    if (!e)
+        return;
+    dg_engine_stop(e);
+    /* Messages posted after the loop ended (none once stopping is set) or never drained. */
+    while (e->queue_head) {
+        struct msg *m = e->queue_head;
+        e->queue_head = m->next;
+        if (m->kind == MSG_READ) {
+            m->read_cb(m->arg, -ESHUTDOWN, NULL);
+            dg_content_unref(m->content);
+        }
+        free_msg(m);
+    }
+    dg_piece_cache_close(e->cache);
+    free(e->data_dir);
+    free(e->cache_dir);
+    free(e->shared_dir);
+    free(e->index_dir);
+    pthread_mutex_destroy(&e->queue_lock);
+    free(e);
+}
+
+/* ---------------------------------------------------------------- queries */
+
+int dg_engine_shared_root(struct dg_engine *e, const struct stat *st, uint8_t root[32])
+{
+    struct dg_shared_file *f = malloc(sizeof(*f));
+    int rc;
+
+    if (!f)
+        return -ENOMEM;
+    rc = dg_piece_cache_shared_get(e->cache, (uint64_t)st->st_ino, f);
+    if (rc == 0) {
+        if (f->state == DG_SHARED_FAILED && snapshot_matches(f, st))
+            rc = -(f->error ? f->error : EIO);
+        else if (f->state != DG_SHARED_HASHED || !snapshot_matches(f, st))
+            rc = -EINPROGRESS;
+        else
+            memcpy(root, f->root, 32);
+    }
+    free(f);
+    return rc;
+}
+
+int dg_engine_root_info(struct dg_engine *e, const uint8_t root[32], struct dg_root_info *out)
+{
+    return dg_piece_cache_root_info(e->cache, root, out);
+}
+
+int dg_engine_list_roots(struct dg_engine *e, const uint8_t *after, uint8_t *roots, size_t max,
+                         size_t *n)
+{
+    return dg_piece_cache_list_roots(e->cache, after, roots, max, n);
+}
+
+/* ---------------------------------------------------------------- content */
+
+struct open_search {
+    struct dg_engine *e;
+    struct dg_content *c;
+    int changed;
+};
+
+/* Tries one shared file as the source of a root: it must be the recorded inode, unchanged. */
+static int try_shared_source(void *arg, const struct dg_shared_file *f)
+{
+    struct open_search *s = arg;
+    struct stat st;
+    char *full;
+    int fd;
+
+    if (f->state != DG_SHARED_HASHED)
+        return 0;
+    full = join_path(s->e->shared_dir, f->path);
+    if (!full)
+        return -ENOMEM;
+    fd = open(full, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    free(full);
+    if (fd < 0)
+        return 0;
+    if (fstat(fd, &st) < 0 || st.st_ino != (ino_t)f->ino) {
+        close(fd);
+        return 0;
+    }
+    if (!snapshot_matches(f, &st)) {
+        /* Changed behind our back: never served under the old root. */
+        close(fd);
+        dg_engine_shared_written(s->e, f->path);
+        s->changed = 1;
+        return 0;
+    }
+    s->c->fd = fd;
+    s->c->size = (uint64_t)st.st_size;
+    s->c->mtime_ns = f->mtime_ns;
+    s->c->path = strdup(f->path);
+    return 1;
+}
+
+int dg_engine_open(struct dg_engine *e, const uint8_t root[32], struct dg_content **out)
+{
+    struct dg_root_info info;
+    struct open_search search = {e, NULL, 0};
+    struct dg_content *c;
+    int rc;
+
+    if ((rc = dg_piece_cache_root_info(e->cache, root, &info)) < 0)
+        return rc;
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    atomic_init(&c->refs, 1);
+    atomic_init(&c->changed, 0);
+    c->e = e;
+    memcpy(c->root, root, 32);
+    c->length = info.length;
+    c->fd = -1;
+    search.c = c;
+    if (info.shared_files > 0) {
+        rc = dg_piece_cache_shared_by_root(e->cache, root, try_shared_source, &search);
+        if (rc < 0) {
+            free(c);
+            return rc;
+        }
+    }
+    if (c->fd < 0 && info.blocks_cached == 0 && info.shared_files > 0) {
+        /* Only shared copies, and none is usable: the root is not held any more. */
+        free(c);
+        return -ENOENT;
+    }
+    dg_piece_cache_touch(e->cache, root);
+    *out = c;
+    return 0;
+}
+
+uint64_t dg_content_length(const struct dg_content *c)
+{
+    return c->length;
+}
+
+const uint8_t *dg_content_root(const struct dg_content *c)
+{
+    return c->root;
+}
+
+ssize_t dg_content_read(struct dg_content *c, void *buf, size_t len, uint64_t off)
+{
+    struct stat st;
+    size_t done = 0;
+
+    if (off >= c->length || len == 0)
+        return 0;
+    if (len > c->length - off)
+        len = (size_t)(c->length - off);
+    if (c->fd < 0)
+        return dg_piece_cache_read(c->e->cache, c->root, buf, len, off);
+    if (atomic_load(&c->changed))
+        return -EIO;
+    while (done < len) {
+        ssize_t r = pread(c->fd, (char *)buf + done, len - done, (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        done += (size_t)r;
+    }
+    /* The bytes count only if the file did not change while (or before) we read them. A
+     * writer updates mtime before it changes data, so checking after the read is enough. */
+    if (fstat(c->fd, &st) < 0)
+        memset(&st, 0, sizeof(st));
+    if ((uint64_t)st.st_size != c->size ||
+        (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec != c->mtime_ns ||
+        done != len) {
+        if (!atomic_exchange(&c->changed, 1)) {
+            dg_log(DG_LOG_WARN, "engine", "shared/%s changed while being read by hash",
+                   c->path ? c->path : "?");
+            if (c->path && st.st_nlink > 0)
+                dg_engine_shared_written(c->e, c->path);
+        }
+        return -EIO;
+    }
+    return (ssize_t)done;
+}
+
+void dg_content_ref(struct dg_content *c)
+{
+    atomic_fetch_add(&c->refs, 1);
+}
+
+void dg_content_unref(struct dg_content *c)
+{
+    if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
+        return;
+    if (c->fd >= 0)
+        close(c->fd);
+    free(c->path);
+    free(c);
+}

@@ -1,0 +1,307 @@
+#include "mount/options.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/log.h"
+
+int dg_parse_size(const char *s, uint64_t *out)
+{
+    uint64_t v = 0, mult = 1;
+    const char *p = s;
+
+    if (!s || !*s)
+        return -EINVAL;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        if (v > (UINT64_MAX - 9) / 10)
+            return -EINVAL;
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    if (p == s)
+        return -EINVAL;
+    switch (*p) {
+    case 'k': case 'K': mult = 1ull << 10; p++; break;
+    case 'm': case 'M': mult = 1ull << 20; p++; break;
+    case 'g': case 'G': mult = 1ull << 30; p++; break;
+    case 't': case 'T': mult = 1ull << 40; p++; break;
+    default: break;
+    }
+    if (mult > 1 && *p == 'i')
+        p++;
+    if (*p == 'B' || *p == 'b')
+        p++;
+    if (*p != '\0' || (v != 0 && v > UINT64_MAX / mult))
+        return -EINVAL;
+    *out = v * mult;
+    return 0;
+}
+
+int dg_parse_seconds(const char *s, uint32_t *ms)
+{
+    char *end;
+    double v;
+
+    if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+        return -EINVAL;
+    errno = 0;
+    v = strtod(s, &end);
+    if (errno || *end != '\0' || !isfinite(v) || v < 0 || v > 86400)
+        return -EINVAL;
+    *ms = (uint32_t)(v * 1000.0 + 0.5);
+    if (*ms == 0)
+        *ms = 1;
+    return 0;
+}
+
+/* An absolute copy of @p path (relative ones are taken from the working directory). */
+static char *absolute(const char *path)
+{
+    char cwd[PATH_MAX];
+    char *out;
+
+    if (path[0] == '/')
+        return strdup(path);
+    if (!getcwd(cwd, sizeof(cwd)))
+        return NULL;
+    out = malloc(strlen(cwd) + strlen(path) + 2);
+    if (out)
+        snprintf(out, strlen(cwd) + strlen(path) + 2, "%s/%s", cwd, path);
+    return out;
+}
+
+/* XDG base directory: $VAR/digfs, else $HOME/fallback/digfs. */
+static char *xdg_dir(const char *var, const char *fallback)
+{
+    const char *base = getenv(var);
+    const char *home = getenv("HOME");
+    char *out;
+    size_t len;
+
+    if (base && base[0] == '/') {
+        len = strlen(base) + sizeof("/digfs");
+        if ((out = malloc(len)))
+            snprintf(out, len, "%s/digfs", base);
+        return out;
+    }
+    if (!home || home[0] != '/')
+        home = "/";
+    len = strlen(home) + strlen(fallback) + sizeof("//digfs");
+    if ((out = malloc(len)))
+        snprintf(out, len, "%s/%s/digfs", home, fallback);
+    return out;
+}
+
+static int append_fuse_opt(struct dg_options *o, const char *opt, size_t len)
+{
+    size_t have = o->fuse_opts ? strlen(o->fuse_opts) : 0;
+    char *n = realloc(o->fuse_opts, have + len + 2);
+
+    if (!n)
+        return -ENOMEM;
+    if (have)
+        n[have++] = ',';
+    memcpy(n + have, opt, len);
+    n[have + len] = '\0';
+    o->fuse_opts = n;
+    return 0;
+}
+
+static int set_path(char **slot, const char *value, char *err, size_t errlen, const char *name)
+{
+    if (!*value) {
+        snprintf(err, errlen, "option %s needs a path", name);
+        return -EINVAL;
+    }
+    free(*slot);
+    *slot = absolute(value);
+    return *slot ? 0 : -ENOMEM;
+}
+
+/* Applies one -o option (@p opt, unescaped, NUL-terminated). */
+static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
+{
+    static const char *const levels[] = {"error", "warn", "info", "debug"};
+    char *eq = strchr(opt, '=');
+    const char *value = eq ? eq + 1 : NULL;
+    size_t klen = eq ? (size_t)(eq - opt) : strlen(opt);
+
+#define IS(name) (klen == sizeof(name) - 1 && memcmp(opt, name, klen) == 0)
+    if (IS("data_dir") || IS("cache_dir") || IS("cache_size") || IS("read_timeout") ||
+        IS("log_level")) {
+        if (!value) {
+            snprintf(err, errlen, "option %.*s needs a value", (int)klen, opt);
+            return -EINVAL;
+        }
+    }
+    if (IS("data_dir"))
+        return set_path(&o->data_dir, value, err, errlen, "data_dir");
+    if (IS("cache_dir"))
+        return set_path(&o->cache_dir, value, err, errlen, "cache_dir");
+    if (IS("cache_size")) {
+        if (dg_parse_size(value, &o->cache_size) < 0) {
+            snprintf(err, errlen, "bad cache_size '%s' (use a number with K, M, G or T)",
+                     value);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (IS("read_timeout")) {
+        if (dg_parse_seconds(value, &o->read_timeout_ms) < 0) {
+            snprintf(err, errlen, "bad read_timeout '%s' (seconds, e.g. 30 or 0.5)", value);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (IS("log_level")) {
+        for (int i = 0; i < 4; i++) {
+            if (strcmp(value, levels[i]) == 0) {
+                o->log_level = i;
+                return 0;
+            }
+        }
+        snprintf(err, errlen, "bad log_level '%s' (error, warn, info or debug)", value);
+        return -EINVAL;
+    }
+    if (IS("default_permissions"))
+        return 0; /* always on */
+#undef IS
+    /* Not ours: libfuse's (it rejects what it does not know). Keep the escaping. */
+    char esc[2 * PATH_MAX];
+    size_t n = 0;
+    for (const char *p = opt; *p && n + 2 < sizeof(esc); p++) {
+        if (*p == ',' || *p == '\\')
+            esc[n++] = '\\';
+        esc[n++] = *p;
+    }
+    return append_fuse_opt(o, esc, n);
+}
+
+/* Splits one -o argument at unescaped commas ("\," is a comma inside a value). */
+static int apply_opts(struct dg_options *o, const char *arg, char *err, size_t errlen)
+{
+    size_t len = strlen(arg);
+    char *buf = malloc(len + 1);
+    size_t n = 0;
+    int rc = 0;
+
+    if (!buf)
+        return -ENOMEM;
+    for (size_t i = 0; i <= len && rc == 0; i++) {
+        if (i == len || arg[i] == ',') {
+            buf[n] = '\0';
+            if (n > 0)
+                rc = apply_opt(o, buf, err, errlen);
+            n = 0;
+        } else if (arg[i] == '\\' && i + 1 < len) {
+            buf[n++] = arg[++i];
+        } else {
+            buf[n++] = arg[i];
+        }
+    }
+    free(buf);
+    return rc;
+}
+
+int dg_options_parse(int argc, char **argv, struct dg_options *o, char *err, size_t errlen)
+{
+    int rc = 0;
+
+    memset(o, 0, sizeof(*o));
+    o->cache_size = DG_DEFAULT_CACHE_SIZE;
+    o->read_timeout_ms = DG_DEFAULT_READ_TIMEOUT_MS;
+    o->log_level = DG_LOG_INFO;
+    err[0] = '\0';
+    for (int i = 1; i < argc && rc == 0; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            o->show_help = 1;
+        } else if (strcmp(a, "-V") == 0 || strcmp(a, "--version") == 0) {
+            o->show_version = 1;
+        } else if (strcmp(a, "-f") == 0) {
+            o->foreground = 1;
+        } else if (strcmp(a, "-d") == 0 || strcmp(a, "-odebug") == 0) {
+            o->debug = o->foreground = 1;
+            if (o->log_level < DG_LOG_DEBUG)
+                o->log_level = DG_LOG_DEBUG;
+        } else if (strcmp(a, "-s") == 0) {
+            o->single_thread = 1;
+        } else if (strcmp(a, "-o") == 0) {
+            if (i + 1 >= argc) {
+                snprintf(err, errlen, "-o needs an argument");
+                rc = -EINVAL;
+            } else {
+                rc = apply_opts(o, argv[++i], err, errlen);
+            }
+        } else if (strncmp(a, "-o", 2) == 0) {
+            rc = apply_opts(o, a + 2, err, errlen);
+        } else if (a[0] == '-') {
+            snprintf(err, errlen, "unknown option %s", a);
+            rc = -EINVAL;
+        } else if (!o->mountpoint) {
+            if (!(o->mountpoint = strdup(a)))
+                rc = -ENOMEM;
+        } else {
+            snprintf(err, errlen, "unexpected argument %s", a);
+            rc = -EINVAL;
+        }
+    }
+    if (rc == 0 && !o->mountpoint && !o->show_help && !o->show_version) {
+        snprintf(err, errlen, "no mount point given");
+        rc = -EINVAL;
+    }
+    if (rc == 0 && !o->data_dir && !(o->data_dir = xdg_dir("XDG_DATA_HOME", ".local/share")))
+        rc = -ENOMEM;
+    if (rc == 0 && !o->cache_dir && !(o->cache_dir = xdg_dir("XDG_CACHE_HOME", ".cache")))
+        rc = -ENOMEM;
+    if (rc == 0 && !o->fuse_opts && !(o->fuse_opts = strdup("")))
+        rc = -ENOMEM;
+    if (rc == -ENOMEM && !err[0])
+        snprintf(err, errlen, "out of memory");
+    if (rc < 0)
+        dg_options_free(o);
+    return rc;
+}
+
+void dg_options_free(struct dg_options *o)
+{
+    free(o->mountpoint);
+    free(o->data_dir);
+    free(o->cache_dir);
+    free(o->fuse_opts);
+    memset(o, 0, sizeof(*o));
+}
+
+void dg_options_usage(FILE *f, const char *prog)
+{
+    fprintf(f,
+            "usage: %s MOUNTPOINT [-f] [-d] [-s] [-o opt[,opt...]]\n"
+            "       %s hash FILE...\n"
+            "\n"
+            "Mounts the digfs swarm at MOUNTPOINT:\n"
+            "  shared/    files put here are hashed and shared\n"
+            "  by-hash/   every file by its 64-hex root (read-only)\n"
+            "  by-name/   symlinks from names to by-hash/\n"
+            "Unmount with: fusermount3 -u MOUNTPOINT\n"
+            "\n"
+            "options:\n"
+            "  -h, --help             print this help\n"
+            "  -V, --version          print the version\n"
+            "  -f                     stay in the foreground\n"
+            "  -d                     debug output (implies -f)\n"
+            "  -s                     single-threaded FUSE loop\n"
+            "  -o data_dir=PATH       shared files and index (default $XDG_DATA_HOME/digfs,\n"
+            "                         i.e. ~/.local/share/digfs)\n"
+            "  -o cache_dir=PATH      fetched content (default $XDG_CACHE_HOME/digfs,\n"
+            "                         i.e. ~/.cache/digfs)\n"
+            "  -o cache_size=SIZE     limit of the cache, K/M/G/T suffixes (default 10G)\n"
+            "  -o read_timeout=SECS   a read waiting for data fails with ETIMEDOUT after this\n"
+            "                         (default 60)\n"
+            "  -o log_level=LEVEL     error, warn, info (default) or debug\n"
+            "  -o FUSE_OPTION         any libfuse mount option, e.g. allow_other\n"
+            "                         (default_permissions is always on)\n",
+            prog, prog);
+}
