@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -44,7 +45,7 @@ struct msg {
     uint64_t off;
     size_t len;
     dg_engine_read_cb read_cb;
-    void (*idle_fn)(void *arg);
+    void (*idle_fn)(void *arg); /* IDLE; also the done callback of REMOVED and RENAMED */
     void *arg;
     uint8_t root[32];
     void *data; /* PUT_BLOCK */
@@ -101,6 +102,7 @@ struct scan_result {
 struct dg_engine {
     struct dg_engine_config cfg;
     char *data_dir, *cache_dir, *shared_dir, *index_dir;
+    int lock_fd; /* flock on <data_dir>/lock: one engine per data directory */
     struct dg_piece_cache *cache;
 
     uv_loop_t loop;
@@ -153,6 +155,27 @@ static char *join_path(const char *a, const char *b)
     return p;
 }
 
+/* Takes the data directory's lock, so that two digfs never share one index and shared/. */
+static int lock_data_dir(struct dg_engine *e)
+{
+    char *path = join_path(e->data_dir, "lock");
+    int rc = 0;
+
+    if (!path)
+        return -ENOMEM;
+    e->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    free(path);
+    if (e->lock_fd < 0)
+        return -errno;
+    if (flock(e->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        rc = errno == EWOULDBLOCK ? -EBUSY : -errno;
+        if (rc == -EBUSY)
+            dg_log(DG_LOG_ERROR, "engine", "data directory %s is in use by another digfs",
+                   e->data_dir);
+    }
+    return rc;
+}
+
 int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
 {
     struct dg_engine *e;
@@ -178,12 +201,15 @@ int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
     e->index_dir = join_path(e->data_dir, "index");
     if (!e->shared_dir || !e->index_dir)
         goto fail;
+    e->lock_fd = -1;
     /* The piece cache creates data_dir (and its parents) with the index. */
     if ((rc = dg_piece_cache_open(e->index_dir, e->cache_dir, &e->cache)) < 0) {
         dg_log(DG_LOG_ERROR, "engine", "cannot open the index in %s: %s", e->index_dir,
                strerror(-rc));
         goto fail;
     }
+    if ((rc = lock_data_dir(e)) < 0)
+        goto fail;
     if (mkdir(e->shared_dir, 0755) < 0 && errno != EEXIST) {
         rc = -errno;
         dg_log(DG_LOG_ERROR, "engine", "cannot create %s: %s", e->shared_dir, strerror(errno));
@@ -195,6 +221,8 @@ int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
     return 0;
 
 fail:
+    if (e->lock_fd >= 0)
+        close(e->lock_fd);
     dg_piece_cache_close(e->cache);
     free(e->data_dir);
     free(e->cache_dir);
@@ -254,44 +282,51 @@ static struct msg *new_msg(enum msg_kind kind)
     return m;
 }
 
-static void post_path(struct dg_engine *e, enum msg_kind kind, const char *a, const char *b)
+/* Queues a notification; runs @p done at once when it cannot be queued. */
+static void post_path(struct dg_engine *e, enum msg_kind kind, const char *a, const char *b,
+                      uint64_t num, dg_engine_done_cb done, void *arg)
 {
     struct msg *m = new_msg(kind);
 
-    if (!m || !(m->path = strdup(a)) || (b && !(m->path2 = strdup(b)))) {
-        dg_log(DG_LOG_ERROR, "engine", "out of memory: lost a notification for %s", a);
+    if (!m || (a && !(m->path = strdup(a))) || (b && !(m->path2 = strdup(b)))) {
+        dg_log(DG_LOG_ERROR, "engine", "out of memory: lost a notification for %s",
+               a ? a : "a removed file");
         if (m)
             free_msg(m);
+        if (done)
+            done(arg);
         return;
     }
-    if (post(e, m) < 0)
+    m->num = num;
+    m->idle_fn = done;
+    m->arg = arg;
+    if (post(e, m) < 0) {
         free_msg(m);
+        if (done)
+            done(arg);
+    }
 }
 
 void dg_engine_shared_written(struct dg_engine *e, const char *relpath)
 {
-    post_path(e, MSG_WRITTEN, relpath, NULL);
+    post_path(e, MSG_WRITTEN, relpath, NULL, 0, NULL, NULL);
 }
 
 void dg_engine_shared_attr_changed(struct dg_engine *e, const char *relpath)
 {
-    post_path(e, MSG_ATTR_CHANGED, relpath, NULL);
+    post_path(e, MSG_ATTR_CHANGED, relpath, NULL, 0, NULL, NULL);
 }
 
-void dg_engine_shared_renamed(struct dg_engine *e, const char *from, const char *to)
+void dg_engine_shared_renamed(struct dg_engine *e, const char *from, const char *to,
+                              uint64_t replaced, dg_engine_done_cb done, void *arg)
 {
-    post_path(e, MSG_RENAMED, from, to);
+    post_path(e, MSG_RENAMED, from, to, replaced, done, arg);
 }
 
-void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino)
+void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino, dg_engine_done_cb done,
+                              void *arg)
 {
-    struct msg *m = new_msg(MSG_REMOVED);
-
-    if (!m)
-        return;
-    m->num = ino;
-    if (post(e, m) < 0)
-        free_msg(m);
+    post_path(e, MSG_REMOVED, NULL, NULL, ino, done, arg);
 }
 
 int dg_engine_when_idle(struct dg_engine *e, void (*fn)(void *arg), void *arg)
@@ -854,9 +889,13 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
         break;
     case MSG_REMOVED:
         dg_piece_cache_shared_remove(e->cache, m->num);
+        if (m->idle_fn)
+            m->idle_fn(m->arg);
         break;
     case MSG_RENAMED: {
         size_t from_len = strlen(m->path);
+        if (m->num)
+            dg_piece_cache_shared_remove(e->cache, m->num);
         dg_piece_cache_shared_rename(e->cache, m->path, m->path2);
         for (struct hash_task *t = e->tasks; t; t = t->next) {
             size_t len = strlen(t->path);
@@ -875,6 +914,8 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
         if (stat_shared(e, m->path2, &st) == 0 &&
             dg_piece_cache_shared_restat(e->cache, m->path2, &st) == -ESTALE)
             queue_hash(e, m->path2);
+        if (m->idle_fn)
+            m->idle_fn(m->arg);
         break;
     }
     case MSG_READ:
@@ -1038,6 +1079,8 @@ void dg_engine_free(struct dg_engine *e)
         free_msg(m);
     }
     dg_piece_cache_close(e->cache);
+    if (e->lock_fd >= 0)
+        close(e->lock_fd);
     free(e->data_dir);
     free(e->cache_dir);
     free(e->shared_dir);

@@ -37,8 +37,10 @@ struct dg_engine_config {
  * during the call, or -ETIMEDOUT, -EINTR (cancelled), -EIO, -ESHUTDOWN (engine stopping). */
 typedef void (*dg_engine_read_cb)(void *arg, ssize_t status, const void *data);
 
-/* Creates an engine: makes the directories, opens the index. Starts no thread.
- * @return 0, -errno (e.g. -EACCES for an unwritable data dir), -ENOMEM. */
+/* Creates an engine: makes the directories, opens the index, locks the data directory.
+ * Starts no thread.
+ * @return 0, -EBUSY (another engine uses this data directory), -errno (e.g. -EACCES for an
+ *         unwritable data dir), -ENOMEM. */
 int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out);
 
 /* Starts the loop thread, which first reconciles the index with shared/ (new or changed files
@@ -67,11 +69,21 @@ void dg_engine_shared_written(struct dg_engine *e, const char *relpath);
  * refreshed without rehashing if its size and mtime did not move, else it is rehashed. */
 void dg_engine_shared_attr_changed(struct dg_engine *e, const char *relpath);
 
-/* The shared file with backing inode @p ino is gone (unlinked, or replaced by a rename). */
-void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino);
+/* Called on the engine thread once a notification has been applied to the index (or at
+ * once, on the calling thread, if the engine is stopping). */
+typedef void (*dg_engine_done_cb)(void *arg);
 
-/* @p from (a file or directory inside shared/) was renamed to @p to. */
-void dg_engine_shared_renamed(struct dg_engine *e, const char *from, const char *to);
+/* The shared file with backing inode @p ino is gone (unlinked, or replaced by a rename).
+ * @p done (may be NULL) runs once the index forgot it. */
+void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino, dg_engine_done_cb done,
+                              void *arg);
+
+/* @p from (a file or directory inside shared/) was renamed to @p to; @p replaced is the inode
+ * of a file the rename replaced, or 0. @p done (may be NULL) runs once the index has the new
+ * paths, so a front end can answer the rename only then and by-hash/ never sees a stale
+ * path. */
+void dg_engine_shared_renamed(struct dg_engine *e, const char *from, const char *to,
+                              uint64_t replaced, dg_engine_done_cb done, void *arg);
 
 /* Supplies block @p block of @p root from outside the swarm (an import, a test). It is verified
  * against the root's leaf hashes before it is stored, and reads waiting for it are answered.

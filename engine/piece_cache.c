@@ -893,6 +893,8 @@ int dg_piece_cache_shared_rename(struct dg_piece_cache *c, const char *from, con
 {
     struct dg_shared_file *f = malloc(sizeof(*f));
     size_t from_len = strlen(from), to_len = strlen(to);
+    uint64_t *inos = NULL;
+    size_t count = 0, cap = 0;
     MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val key, val;
@@ -902,9 +904,11 @@ int dg_piece_cache_shared_rename(struct dg_piece_cache *c, const char *from, con
         return -ENOMEM;
     if ((rc = write_txn(c, &txn)) < 0)
         goto out;
+    /* First collect the records under @p from, then rewrite them: values change size, and
+     * a cursor is not walked while the tree under it is being rewritten. */
     if ((rc = map_mdb_error(mdb_cursor_open(txn, c->files, &cur))) < 0)
         goto abort;
-    for (mrc = mdb_cursor_get(cur, &key, &val, MDB_FIRST); mrc == 0;
+    for (mrc = mdb_cursor_get(cur, &key, &val, MDB_FIRST); mrc == 0 && rc == 0;
          mrc = mdb_cursor_get(cur, &key, &val, MDB_NEXT)) {
         if (key.mv_size != 8 || dg_file_record_decode(val.mv_data, val.mv_size, f) < 0)
             continue;
@@ -912,18 +916,29 @@ int dg_piece_cache_shared_rename(struct dg_piece_cache *c, const char *from, con
         if (len < from_len || memcmp(f->path, from, from_len) != 0 ||
             (len > from_len && f->path[from_len] != '/'))
             continue;
+        if (count == cap) {
+            size_t ncap = cap ? 2 * cap : 16;
+            uint64_t *n = realloc(inos, ncap * sizeof(*n));
+            if (!n) {
+                rc = -ENOMEM;
+                break;
+            }
+            inos = n;
+            cap = ncap;
+        }
+        inos[count++] = get_be64(key.mv_data);
+    }
+    mdb_cursor_close(cur);
+    for (size_t i = 0; i < count && rc == 0; i++) {
+        if ((rc = get_file(txn, c, inos[i], f)) < 0)
+            break;
+        size_t len = strlen(f->path);
         if (to_len + (len - from_len) >= sizeof(f->path))
             continue; /* cannot happen for paths the kernel accepted */
         memmove(f->path + to_len, f->path + from_len, len - from_len + 1);
         memcpy(f->path, to, to_len);
-        f->ino = get_be64(key.mv_data);
-        uint8_t buf[DG_FILE_RECORD_MAX];
-        size_t n = dg_file_record_encode(f, buf, sizeof(buf));
-        MDB_val nval = {n, buf};
-        if (n == 0 || (rc = map_mdb_error(mdb_cursor_put(cur, &key, &nval, MDB_CURRENT))) < 0)
-            break;
+        rc = put_file(txn, c, f);
     }
-    mdb_cursor_close(cur);
     if (rc < 0)
         goto abort;
     rc = commit(txn);
@@ -931,6 +946,7 @@ int dg_piece_cache_shared_rename(struct dg_piece_cache *c, const char *from, con
 abort:
     mdb_txn_abort(txn);
 out:
+    free(inos);
     free(f);
     return rc;
 }

@@ -717,6 +717,12 @@ static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const cha
     fuse_reply_err(req, EPERM);
 }
 
+/* Completes a request that waited for the engine to apply a change to the index. */
+static void reply_ok(void *arg)
+{
+    fuse_reply_err((fuse_req_t)arg, 0);
+}
+
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct dg_node *p = shared_dir(req, parent, NULL, name);
@@ -733,8 +739,9 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
         return;
     }
     if (S_ISREG(st.st_mode) && st.st_nlink <= 1)
-        dg_engine_shared_removed(fs_of(req)->engine, (uint64_t)st.st_ino);
-    fuse_reply_err(req, 0);
+        dg_engine_shared_removed(fs_of(req)->engine, (uint64_t)st.st_ino, reply_ok, req);
+    else
+        fuse_reply_err(req, 0);
 }
 
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -778,10 +785,9 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
         fuse_reply_err(req, errno);
         return;
     }
-    if (replaced)
-        dg_engine_shared_removed(fs->engine, (uint64_t)dst.st_ino);
-    dg_engine_shared_renamed(fs->engine, from, to);
-    fuse_reply_err(req, 0);
+    /* Answered by the engine once the index has the new paths. */
+    dg_engine_shared_renamed(fs->engine, from, to, replaced ? (uint64_t)dst.st_ino : 0,
+                             reply_ok, req);
 }
 
 /* ---------------------------------------------------------------- files */

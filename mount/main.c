@@ -42,9 +42,17 @@ static int run_mount(struct dg_options *o, int report_fd)
         fprintf(stderr, "digfs: mount point %s: %s\n", o->mountpoint, strerror(-rc));
         goto out;
     }
+    if (dg_mountpoint_is_digfs(mnt)) {
+        fprintf(stderr, "digfs: %s is already a digfs mount (unmount it first)\n", mnt);
+        goto out;
+    }
     if ((rc = dg_engine_new(&cfg, &engine)) < 0) {
-        fprintf(stderr, "digfs: cannot open data directory %s: %s\n", o->data_dir,
-                strerror(-rc));
+        if (rc == -EBUSY)
+            fprintf(stderr, "digfs: data directory %s is in use by another digfs\n",
+                    o->data_dir);
+        else
+            fprintf(stderr, "digfs: cannot open data directory %s: %s\n", o->data_dir,
+                    strerror(-rc));
         goto out;
     }
     if ((rc = dg_fs_new(engine, &fs)) < 0) {

@@ -59,10 +59,11 @@ int dg_mountpoint_resolve(const char *path, char **out)
     return *out ? 0 : -errno;
 }
 
-/* The device number of the mount at @p path, from /proc/self/mountinfo (stat() on it would
- * wait for the FUSE loop, which is not running yet). Mount points with spaces or other
- * escaped characters are compared in their escaped form. @return 0 or -ENOENT. */
-static int mount_device(const char *path, unsigned *maj, unsigned *min)
+/* The device number and file system type of the top mount at @p path, from
+ * /proc/self/mountinfo (stat() on a FUSE mount would wait for its daemon). Mount points with
+ * spaces or other escaped characters are compared in their escaped form. @return 0 or
+ * -ENOENT. */
+static int mount_info(const char *path, unsigned *maj, unsigned *min, char fstype[64])
 {
     FILE *f = fopen("/proc/self/mountinfo", "r");
     char line[8192];
@@ -73,8 +74,10 @@ static int mount_device(const char *path, unsigned *maj, unsigned *min)
     while (fgets(line, sizeof(line), f)) {
         unsigned a, b;
         char mnt[4096];
-        /* id parent major:minor root mountpoint ... */
-        if (sscanf(line, "%*u %*u %u:%u %*s %4095s", &a, &b, mnt) == 3 && strcmp(mnt, path) == 0) {
+        const char *sep = strstr(line, " - ");
+        /* id parent major:minor root mountpoint ... - fstype source options */
+        if (sep && sscanf(line, "%*u %*u %u:%u %*s %4095s", &a, &b, mnt) == 3 &&
+            strcmp(mnt, path) == 0 && sscanf(sep + 3, "%63s", fstype) == 1) {
             *maj = a; /* the last match is the mount on top */
             *min = b;
             found = 0;
@@ -84,13 +87,23 @@ static int mount_device(const char *path, unsigned *maj, unsigned *min)
     return found;
 }
 
+int dg_mountpoint_is_digfs(const char *path)
+{
+    unsigned maj, min;
+    char fstype[64];
+
+    return mount_info(path, &maj, &min, fstype) == 0 && strcmp(fstype, "fuse.digfs") == 0;
+}
+
 void dg_mountpoint_tune_readahead(const char *path, unsigned kb)
 {
     char sysfs[128];
     unsigned maj, min;
     FILE *f;
 
-    if (mount_device(path, &maj, &min) < 0)
+    char fstype[64];
+
+    if (mount_info(path, &maj, &min, fstype) < 0)
         return;
     snprintf(sysfs, sizeof(sysfs), "/sys/class/bdi/%u:%u/read_ahead_kb", maj, min);
     f = fopen(sysfs, "w");

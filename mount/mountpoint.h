@@ -9,6 +9,9 @@
  * none, -errno if it could not be cleared. */
 int dg_mountpoint_recover(const char *path);
 
+/* 1 if a live digfs is mounted at the resolved path @p path, else 0. */
+int dg_mountpoint_is_digfs(const char *path);
+
 /* Checks that @p path is a directory and returns its resolved absolute path (malloc'd) in
  * @p out. @return 0 or -errno. */
 int dg_mountpoint_resolve(const char *path, char **out);
