@@ -26,6 +26,7 @@
 
 enum msg_kind {
     MSG_WRITTEN,
+    MSG_CHECK,
     MSG_ATTR_CHANGED,
     MSG_REMOVED,
     MSG_RENAMED,
@@ -310,6 +311,11 @@ static void post_path(struct dg_engine *e, enum msg_kind kind, const char *a, co
 void dg_engine_shared_written(struct dg_engine *e, const char *relpath)
 {
     post_path(e, MSG_WRITTEN, relpath, NULL, 0, NULL, NULL);
+}
+
+void dg_engine_shared_check(struct dg_engine *e, const char *relpath)
+{
+    post_path(e, MSG_CHECK, relpath, NULL, 0, NULL, NULL);
 }
 
 void dg_engine_shared_attr_changed(struct dg_engine *e, const char *relpath)
@@ -880,6 +886,15 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
     case MSG_WRITTEN:
         queue_hash(e, m->path);
         break;
+    case MSG_CHECK: {
+        uint8_t root[32];
+        if (find_task(e, m->path) || stat_shared(e, m->path, &st) < 0)
+            break;
+        rc = dg_engine_shared_root(e, &st, root);
+        if (rc == -ENOENT || rc == -EINPROGRESS)
+            queue_hash(e, m->path);
+        break;
+    }
     case MSG_ATTR_CHANGED:
         if (stat_shared(e, m->path, &st) < 0)
             break;

@@ -65,6 +65,11 @@ struct dg_piece_cache *dg_engine_cache(struct dg_engine *e);
 /* The shared file at @p relpath was created, written, truncated or changed: (re)hash it. */
 void dg_engine_shared_written(struct dg_engine *e, const char *relpath);
 
+/* Someone looked at the shared file at @p relpath and the index did not know it or had a stale
+ * snapshot (it was created or changed behind the mount's back): hash it unless it is being
+ * hashed already or the index turns out to be current. Cheap to call repeatedly. */
+void dg_engine_shared_check(struct dg_engine *e, const char *relpath);
+
 /* Only the metadata of the shared file at @p relpath changed (chmod, chown): its snapshot is
  * refreshed without rehashing if its size and mtime did not move, else it is rehashed. */
 void dg_engine_shared_attr_changed(struct dg_engine *e, const char *relpath);

@@ -157,6 +157,15 @@ static int child_relpath(struct dg_fs *fs, const struct dg_node *dir, const char
     return 0;
 }
 
+/* Asks the engine to look at a file it did not know or had a stale snapshot of. */
+static void check_shared(struct dg_fs *fs, const struct dg_node *n)
+{
+    char rel[PATH_MAX];
+
+    if (shared_relpath(fs, n, rel, sizeof(rel)) == 0 && rel[0])
+        dg_engine_shared_check(fs->engine, rel);
+}
+
 static void notify_written(struct dg_fs *fs, const struct dg_node *n)
 {
     char rel[PATH_MAX];
@@ -1319,6 +1328,8 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
     int busy = n->writers > 0 || n->dirty;
     pthread_mutex_unlock(&fs->lock);
     int rc = busy ? -EINPROGRESS : dg_engine_shared_root(fs->engine, &st, root);
+    if (!busy && (rc == -ENOENT || rc == -EINPROGRESS))
+        check_shared(fs, n);
     if (rc == 0)
         dg_root_format(root, value);
     else if (rc == -EINPROGRESS || rc == -ENOENT)

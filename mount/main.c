@@ -65,6 +65,7 @@ static int run_mount(struct dg_options *o, int report_fd)
     char *fuse_argv[] = {"digfs", "-o", opts, o->debug ? "-d" : NULL, NULL};
     struct fuse_args args = FUSE_ARGS_INIT(o->debug ? 4 : 3, fuse_argv);
     se = fuse_session_new(&args, dg_fs_ops(), sizeof(struct fuse_lowlevel_ops), fs);
+    fuse_opt_free_args(&args); /* libfuse may have copied and extended them */
     if (!se) {
         fprintf(stderr, "digfs: bad mount options: %s\n", o->fuse_opts);
         goto out;
