@@ -64,7 +64,9 @@ static int feed_stream(int fd, struct dg_merkle_hasher *h, uint8_t *buf)
     }
 }
 
-int dg_hash_fd(int fd, struct dg_file_hash *out)
+/* Hashes @p fd: as a regular file (pread, layer, change check) when @p regular is set, else
+ * as a stream read to EOF from the current position. */
+static int hash_fd(int fd, int regular, struct dg_file_hash *out)
 {
     struct dg_merkle_hasher *h = NULL;
     struct stat st;
@@ -72,13 +74,14 @@ int dg_hash_fd(int fd, struct dg_file_hash *out)
     uint8_t *buf = NULL;
     const uint8_t *layer;
     uint64_t count;
-    int regular;
     int rc;
 
     memset(out, 0, sizeof(*out));
     if (fstat(fd, &st) < 0)
         return -errno;
-    regular = S_ISREG(st.st_mode);
+    if (S_ISDIR(st.st_mode))
+        return -EISDIR;
+    regular = regular && S_ISREG(st.st_mode);
     if (regular)
         out->piece_size = dg_merkle_piece_size((uint64_t)st.st_size);
     rc = dg_merkle_hasher_new(out->piece_size, &h);
@@ -125,6 +128,16 @@ fail:
     dg_merkle_hasher_free(h);
     dg_file_hash_clear(out);
     return rc;
+}
+
+int dg_hash_fd(int fd, struct dg_file_hash *out)
+{
+    return hash_fd(fd, 1, out);
+}
+
+int dg_hash_stream(int fd, struct dg_file_hash *out)
+{
+    return hash_fd(fd, 0, out);
 }
 
 void dg_file_hash_clear(struct dg_file_hash *h)

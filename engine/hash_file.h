@@ -29,6 +29,12 @@ struct dg_file_hash {
  *         (-EISDIR for a directory); -ENOMEM; -EIO if OpenSSL fails. */
 int dg_hash_fd(int fd, struct dg_file_hash *out);
 
+/* Hashes whatever read() returns from @p fd until end of file, from its current position,
+ * whatever the file type (pipes, and pseudo-files such as /proc entries that report size 0).
+ * No piece layer, no change check. @return 0, -EISDIR, -errno of a failed read, -ENOMEM,
+ * -EIO. */
+int dg_hash_stream(int fd, struct dg_file_hash *out);
+
 /* Frees what dg_hash_fd() allocated in @p h (the struct itself is the caller's). */
 void dg_file_hash_clear(struct dg_file_hash *h);
 

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "engine/hash_file.h"
@@ -41,7 +42,12 @@ static int hash_one(const char *name)
         if (fd < 0)
             return -errno;
     }
-    rc = dg_hash_fd(fd, &fh);
+    struct stat st;
+    /* Pseudo-files (/proc, /sys) say size 0 but have content: read those to the end. */
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
+        rc = dg_hash_fd(fd, &fh);
+    else
+        rc = dg_hash_stream(fd, &fh);
     if (!is_stdin)
         close(fd);
     if (rc < 0)
