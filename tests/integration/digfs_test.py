@@ -369,10 +369,13 @@ def _pid_alive(pid):
     return state not in ("Z", "X")
 
 
-def find_digfs_pids(mnt):
-    """pids of digfs processes whose command line has exactly the mount point @mnt (an
-    absolute path inside this test's own temporary directory, so nothing else matches)."""
+def find_digfs_pids(path, prefix=False):
+    """pids of live digfs processes with @path as an argument (or, with @prefix, an argument
+    inside the directory @path, e.g. in its -o value). The paths are in this test's own
+    temporary directory, so nothing that belongs to anyone else matches."""
     pids = []
+    me = os.path.basename(BIN).encode()
+    p = path.encode()
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -381,9 +384,13 @@ def find_digfs_pids(mnt):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if not argv or os.path.basename(argv[0]) != os.path.basename(BIN).encode():
+        if not argv or os.path.basename(argv[0]) != me:
             continue
-        if mnt.encode() in argv and _pid_alive(int(d)):
+        if prefix:
+            hit = any(p + b"/" in a for a in argv[1:])
+        else:
+            hit = p in argv[1:]
+        if hit and _pid_alive(int(d)):
             pids.append(int(d))
     return pids
 
@@ -577,7 +584,7 @@ class Mount:
         pids = set()
         if self.pid is not None and self.alive():
             pids.add(self.pid)
-        pids.update(find_digfs_pids(self.mnt))
+        pids.update(find_digfs_pids(self.dir, prefix=True))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -593,14 +600,14 @@ class Mount:
             self.cleaned = True
             _in_cleanup += 1
             try:
-                pids = set(find_digfs_pids(self.mnt))
+                pids = set(find_digfs_pids(self.dir, prefix=True))
                 if self.pid is not None and self.alive():
                     pids.add(self.pid)
                 if pids and mount_entry(self.mnt) is not None:
                     # polite first: a clean unmount lets digfs exit on its own
-                    subprocess.run(["fusermount3", "-u", self.mnt], stdin=subprocess.DEVNULL,
-                                   capture_output=True, timeout=30)
-                    end = time.monotonic() + 10
+                    r = subprocess.run(["fusermount3", "-u", self.mnt],
+                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+                    end = time.monotonic() + (10 if r.returncode == 0 else 0)
                     while time.monotonic() < end and any(_pid_alive(p) for p in pids):
                         time.sleep(0.05)
                 for pid in pids:
@@ -615,13 +622,18 @@ class Mount:
                     except subprocess.TimeoutExpired:
                         pass
                 for _ in range(5):
-                    if mount_entry(self.mnt) is None:
+                    ours = sorted((mp for mp in mount_points()
+                                   if mp == self.dir or mp.startswith(self.dir + "/")),
+                                  key=len, reverse=True)
+                    if not ours:
                         break
-                    r = subprocess.run(["fusermount3", "-u", "-z", self.mnt],
-                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-                    if r.returncode != 0 and mount_entry(self.mnt) is not None:
-                        subprocess.run(["umount", "-l", self.mnt], stdin=subprocess.DEVNULL,
-                                       capture_output=True, timeout=30)
+                    for mp in ours:
+                        r = subprocess.run(["fusermount3", "-u", "-z", mp],
+                                           stdin=subprocess.DEVNULL, capture_output=True,
+                                           timeout=30)
+                        if r.returncode != 0:
+                            subprocess.run(["umount", "-l", mp], stdin=subprocess.DEVNULL,
+                                           capture_output=True, timeout=30)
                 leftover = [mp for mp in mount_points()
                             if mp == self.dir or mp.startswith(self.dir + "/")]
                 if leftover:

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digfs_test as T  # noqa: E402
-from digfs_test import check, check_eq  # noqa: E402
+from digfs_test import check_eq  # noqa: E402
 
 
 def test_file_created_behind_the_mount_is_hashed_when_looked_at():
@@ -22,14 +22,12 @@ def test_file_created_behind_the_mount_is_hashed_when_looked_at():
 
 
 def test_polling_a_hashed_file_does_not_rehash_it():
+    # A poll that made the engine rehash would mark the file 'hashing' for the next polls.
     m = T.shared_mount()
     data = T.data_of(20000, 32)
     root = T.share(m, "polled.bin", data)
-    before = os.stat(m.backing("polled.bin"))
-    for _ in range(200):
+    for _ in range(300):
         check_eq(T.get_root_xattr(m.shared("polled.bin")), root, "root while polling")
-    after = os.stat(m.backing("polled.bin"))
-    check(before.st_mtime_ns == after.st_mtime_ns, "polling changed the file")
 
 
 if __name__ == "__main__":
