@@ -32,7 +32,6 @@ import re
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -416,6 +415,8 @@ class Mount:
         self.starts = 0
         self.persistent = False
         self.cleaned = False
+        self._final_log = None
+        self.log_size_at_cleanup = 0
         self._lock = threading.RLock()
         with _registry_lock:
             _registry.append(self)
@@ -436,54 +437,61 @@ class Mount:
         return os.path.join(self.data, "shared", rel) if rel else os.path.join(self.data, "shared")
 
     # ---- lifecycle
-    def option_string(self, opts=()):
-        return ",".join([f"data_dir={self.data}", f"cache_dir={self.cache}", *opts])
+    def option_string(self, opts=(), dirs=True):
+        own = [f"data_dir={self.data}", f"cache_dir={self.cache}"] if dirs else []
+        return ",".join([*own, *opts])
 
-    def command(self, opts=(), foreground=True, extra_args=()):
+    def command(self, opts=(), foreground=True, extra_args=(), dirs=True, flags=None):
         cmd = [BIN, self.mnt]
-        if foreground:
+        if flags is not None:
+            cmd += flags
+        elif foreground:
             cmd.append("-f")
-        return cmd + ["-o", self.option_string(opts), *extra_args]
+        o = self.option_string(opts, dirs)
+        return cmd + (["-o", o] if o else []) + list(extra_args)
 
     def _log(self, text):
         with open(self.log_path, "a") as f:
             f.write(text)
 
-    def start(self, opts=(), foreground=True, wait=True, extra_args=()):
-        """Starts digfs (and by default waits until it is mounted)."""
+    def start(self, opts=(), foreground=True, wait=True, extra_args=(), dirs=True, env=None,
+              flags=None):
+        """Starts digfs (and by default waits until it is mounted). dirs=False leaves out
+        data_dir/cache_dir (digfs uses its defaults: pass @env with XDG_* inside self.dir).
+        flags replaces the "-f" after the mount point (the process is still treated as one
+        that stays in the foreground)."""
         global _mounted_once
         check(not self.alive(), "start(): digfs is already running for this Mount")
-        cmd = self.command(opts, foreground, extra_args)
+        cmd = self.command(opts, foreground, extra_args, dirs, flags)
         self.starts += 1
         self._log(f"\n=== start {self.starts}: {' '.join(cmd)}\n")
         logf = open(self.log_path, "ab")
         try:
             if foreground:
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                             stderr=logf, preexec_fn=_child_setup)
+                                             stderr=logf, preexec_fn=_child_setup, env=env)
                 self.pid = self.proc.pid
             else:
                 self.proc = None
                 self.pid = None
                 launcher = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                            stderr=logf)
+                                            stderr=logf, env=env)
                 try:
                     rc = launcher.wait(timeout=WAIT)
                 except subprocess.TimeoutExpired:
                     launcher.kill()
                     launcher.wait()
                     self._adopt_daemon()
-                    fail(f"`digfs` without -f did not return within {WAIT:.0f} s\n"
-                         + self.log_tail())
+                    fail(f"`digfs` without -f did not return within {WAIT:.0f} s")
                 self._adopt_daemon()
                 if rc != 0:
                     self._maybe_skip()
-                    fail(f"`digfs` (daemon mode) exited {rc}\n" + self.log_tail())
+                    fail(f"`digfs` (daemon mode) exited {rc}")
                 if wait:
                     # it returned: the mount must be there now, without polling
                     check(self.mounted_and_ready(),
                           "daemon-mode digfs returned 0 but the mount is not ready",
-                          f"mountinfo: {mount_entry(self.mnt)}", self.log_tail())
+                          f"mountinfo: {mount_entry(self.mnt)}")
                     _mounted_once = True
                 return None
         finally:
@@ -499,24 +507,58 @@ class Mount:
         elif pids:
             self.pid = max(pids)
 
-    def mounted_and_ready(self):
+    def _probe(self):
         try:
             return os.path.ismount(self.mnt) and "shared" in os.listdir(self.mnt)
         except OSError:
             return False
 
+    def mounted_and_ready(self, timeout=None):
+        """True once the mount answers and lists shared/. The probe runs in a helper thread:
+        if digfs hangs (a FUSE request nobody answers), this fails after @timeout with the
+        kernel stacks of digfs's threads instead of blocking the test forever."""
+        if mount_entry(self.mnt) is None:
+            return False
+        result = []
+        t = threading.Thread(target=lambda: result.append(self._probe()), daemon=True)
+        t.start()
+        t.join(timeout or WAIT)
+        if t.is_alive():
+            fail(f"{self.mnt} is mounted but does not answer within {timeout or WAIT:.0f} s "
+                 f"(digfs hangs)\n{self.kernel_stacks()}")
+        return result[0]
+
+    def kernel_stacks(self):
+        """Where each thread of our digfs process waits in the kernel (root only)."""
+        pids = {self.pid} if self.pid else set()
+        pids.update(find_digfs_pids(self.dir, prefix=True))
+        out = []
+        for pid in sorted(p for p in pids if p):
+            try:
+                for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+                    try:
+                        with open(f"/proc/{pid}/task/{tid}/stack") as f:
+                            frames = [ln.split("] ")[-1].split("+")[0]
+                                      for ln in f.read().split("\n") if ln]
+                    except OSError:
+                        frames = ["(stack unreadable)"]
+                    out.append(f"  pid {pid} tid {tid}: {' <- '.join(frames[:6])}")
+            except OSError:
+                continue
+        return "kernel stacks of digfs:\n" + ("\n".join(out) if out else "  (none)")
+
     def wait_mounted(self, timeout=None):
         global _mounted_once
         deadline = time.monotonic() + (timeout or WAIT)
         delay = 0.01
-        while not self.mounted_and_ready():
+        while not self.mounted_and_ready(timeout=max(1.0, deadline - time.monotonic())):
             if self.proc is not None and self.proc.poll() is not None:
                 rc = self.proc.returncode
                 self._maybe_skip()
-                fail(f"digfs exited with {rc} before the mount was ready\n" + self.log_tail())
+                fail(f"digfs exited with {rc} before the mount was ready")
             if time.monotonic() > deadline:
                 fail(f"mount not ready after {timeout or WAIT:.0f} s "
-                     f"(mountinfo: {mount_entry(self.mnt)})\n" + self.log_tail())
+                     f"(mountinfo: {mount_entry(self.mnt)})")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.2)
         _mounted_once = True
@@ -542,7 +584,7 @@ class Mount:
                 return self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 fail(f"digfs (pid {self.pid}) still running {timeout:.0f} s later\n"
-                     + self.log_tail())
+                     + self.kernel_stacks())
         if self.pid is not None:
             wait_until(lambda: not _pid_alive(self.pid), f"daemon digfs pid {self.pid} to exit",
                        timeout)
@@ -557,8 +599,7 @@ class Mount:
             if r.returncode == 0:
                 break
             if "busy" not in r.stderr.lower() or time.monotonic() > deadline:
-                fail(f"fusermount3 -u {self.mnt} failed ({r.returncode}): {r.stderr.strip()}\n"
-                     + self.log_tail())
+                fail(f"fusermount3 -u {self.mnt} failed ({r.returncode}): {r.stderr.strip()}")
             time.sleep(0.2)
         rc = self.wait_exit(max(1.0, deadline - time.monotonic()))
         check(mount_entry(self.mnt) is None, "mount still listed after unmount",
@@ -634,6 +675,13 @@ class Mount:
                         if r.returncode != 0:
                             subprocess.run(["umount", "-l", mp], stdin=subprocess.DEVNULL,
                                            capture_output=True, timeout=30)
+                try:  # keep the log for failure reports; the directory goes below
+                    with open(self.log_path, "rb") as f:
+                        f.seek(max(0, os.path.getsize(self.log_path) - (1 << 20)))
+                        self._final_log = f.read()
+                    self.log_size_at_cleanup = os.path.getsize(self.log_path)
+                except OSError:
+                    pass
                 leftover = [mp for mp in mount_points()
                             if mp == self.dir or mp.startswith(self.dir + "/")]
                 if leftover:
@@ -648,12 +696,23 @@ class Mount:
             finally:
                 _in_cleanup -= 1
 
-    def log_tail(self, lines=60, since=0):
+    def log_text(self, since=0):
+        """The log from byte @since (also after cleanup removed the file)."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(since)
-                text = f.read().decode("utf-8", "replace")
+                return f.read().decode("utf-8", "replace")
         except OSError:
+            pass
+        if self._final_log is not None:
+            full = self._final_log
+            return full[max(0, since - (self.log_size_at_cleanup - len(full))):].decode(
+                "utf-8", "replace")
+        return None
+
+    def log_tail(self, lines=60, since=0):
+        text = self.log_text(since)
+        if text is None:
             return f"(no log at {self.log_path})"
         tail = text.splitlines()[-lines:]
         return f"--- digfs log {self.log_path} (last {len(tail)} lines) ---\n" + \
@@ -663,7 +722,7 @@ class Mount:
         try:
             return os.path.getsize(self.log_path)
         except OSError:
-            return 0
+            return self.log_size_at_cleanup
 
     def __enter__(self):
         return self
@@ -785,6 +844,27 @@ def _watchdog(wake_r, deadline):
                 kill_at, exit_at = time.monotonic() + 5, time.monotonic() + 40
 
 
+_SANITIZER = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
+                        r"WARNING: ThreadSanitizer|ERROR: UndefinedBehaviorSanitizer")
+
+
+def _sanitizer_report(before, offsets):
+    """A TestFailure if a digfs log written during the test holds a sanitizer report (a
+    process that was killed, or that kept running, never shows it in its exit status)."""
+    with _registry_lock:
+        mounts = list(_registry)
+    for i, m in enumerate(mounts):
+        if i < before and not m.persistent:
+            continue
+        text = m.log_text(offsets.get(id(m), 0))
+        if text is None:
+            continue
+        hit = _SANITIZER.search(text)
+        if hit:
+            return TestFailure(f"sanitizer report in {m.log_path}: {hit.group(0)!r}")
+    return None
+
+
 def require_environment():
     if not (os.path.isfile(BIN) and os.access(BIN, os.X_OK)):
         print(f"FAIL: digfs binary not found or not executable: {BIN} (set DIGFS_BIN)")
@@ -856,10 +936,12 @@ def main(namespace=None):
                 error = e
                 tb = traceback.format_exc()
             else:
+                tb = ""
                 if _timed_out.is_set():
                     error = TestFailure("finished only after the watchdog fired")
-                    tb = ""
                 else:
+                    error = _sanitizer_report(before, offsets)
+                if error is None:
                     passed.append(name)
                     print(f"PASS {name} ({time.monotonic() - t0:.1f} s)")
             if error is not None:

@@ -78,16 +78,33 @@ def test_bad_mountpoint():
         expect_refused(m, [], foreground=False, mnt=regular)
 
 
+def test_version():
+    r = run(["-V"])
+    check_eq(r.returncode, 0, f"exit status of `digfs -V` ({r.stderr!r})")
+    check("digfs" in r.stdout + r.stderr, "`digfs -V` does not name digfs", r.stdout)
+
+
 def test_good_options():
     with T.Mount("goodopt", start=False) as m:
-        for opts in (["cache_size=512K", "read_timeout=5", "log_level=error"],
-                     ["cache_size=10M", "log_level=warn"],
-                     ["cache_size=2T", "log_level=info"],
-                     ["cache_size=1073741824", "read_timeout=120", "log_level=debug"]):
-            m.start(opts)
-            check_eq(T.share(m, "f.bin", b"opts " + ",".join(opts).encode()),
-                     T.merkle_root(b"opts " + ",".join(opts).encode()), "root")
-            check_eq(m.unmount(), 0, f"exit status with {opts}")
+        for opts, extra in ((["cache_size=512K", "read_timeout=5", "log_level=error"], []),
+                            (["cache_size=10M", "log_level=warn"], ["-s"]),
+                            (["cache_size=2T", "log_level=info"], []),
+                            (["cache_size=1073741824", "read_timeout=120", "log_level=debug"],
+                             ["-d"])):
+            m.start(opts, extra_args=extra)
+            data = f"opts {opts} {extra}".encode()
+            root = T.share(m, "f.bin", data)
+            check_bytes(T.read_file(m.by_hash(root)), data, f"by-hash with {opts} {extra}")
+            check_eq(m.unmount(), 0, f"exit status with {opts} {extra}")
+
+
+def test_debug_implies_foreground():
+    """`digfs MNT -d` (no -f) stays in the foreground: the started process serves the mount."""
+    with T.Mount("debugfg", start=False) as m:
+        m.start(flags=["-d"])
+        check(m.alive(), "digfs -d exited (daemonized?) although the mount is up")
+        T.share(m, "d.bin", b"debug\n")
+        check_eq(m.unmount(), 0, "exit status")
 
 
 def test_daemon_mode():
@@ -163,6 +180,7 @@ def test_second_instance_on_live_mount():
         data = b"first instance\n"
         root = T.share(m, "live.bin", data)
         cmd = [T.BIN, m.mnt, "-f", "-o", other.option_string()]
+        base = T.mount_entry(m.mnt)
         with open(other.log_path, "a") as f:
             f.write(f"\n=== {' '.join(cmd)}\n")
         with open(other.log_path, "ab") as log:
@@ -170,7 +188,6 @@ def test_second_instance_on_live_mount():
                                  preexec_fn=T._child_setup)
         try:
             # it either refuses (exits non-zero) or mounts on top; wait for one of them
-            base = T.mount_entry(m.mnt)
             T.wait_until(lambda: p.poll() is not None or T.mount_entry(m.mnt) != base,
                          "the second digfs to exit or to mount")
             if p.poll() is None:
@@ -182,10 +199,51 @@ def test_second_instance_on_live_mount():
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        check(m.alive(), "the first digfs died when a second one started on its mount point",
-              m.log_tail())
+        check(m.alive(), "the first digfs died when a second one started on its mount point")
         check(m.mounted_and_ready(), "the first digfs's mount is gone or broken")
         check_bytes(T.read_file(m.by_hash(root)), data, "first mount still serves its files")
+        check_eq(m.unmount(), 0, "exit status of the first digfs")
+
+
+def test_xdg_default_dirs():
+    """Without data_dir/cache_dir, digfs uses $XDG_DATA_HOME/digfs and $XDG_CACHE_HOME/digfs."""
+    with T.Mount("xdg", start=False) as m:
+        env = dict(os.environ, HOME=os.path.join(m.dir, "home"),
+                   XDG_DATA_HOME=os.path.join(m.dir, "xdg-data"),
+                   XDG_CACHE_HOME=os.path.join(m.dir, "xdg-cache"))
+        m.start(dirs=False, env=env)
+        data = b"xdg defaults\n"
+        T.share(m, "x.txt", data)
+        backing = os.path.join(m.dir, "xdg-data", "digfs", "shared", "x.txt")
+        check(os.path.isfile(backing), f"{backing} not created",
+              sorted(os.path.relpath(os.path.join(d, f), m.dir)
+                     for d, _, fs in os.walk(m.dir) for f in fs if "/mnt" not in d))
+        check_bytes(T.read_file(backing), data, "backing file under XDG_DATA_HOME")
+        check_eq(m.unmount(), 0, "exit status")
+
+
+def test_data_dir_in_use():
+    """A second digfs on another mount point with the same data_dir refuses (the first keeps
+    working)."""
+    with T.Mount("inuse") as m, T.Mount("inuse2", start=False) as other:
+        root = T.share(m, "a.txt", b"in use\n")
+        cmd = [T.BIN, other.mnt, "-f", "-o", m.option_string()]
+        r = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, preexec_fn=T._child_setup)
+        try:
+            T.wait_until(lambda: r.poll() is not None or other.mounted_and_ready(),
+                         "the second digfs to exit or mount")
+            if r.poll() is None:
+                T.fail("a second digfs mounted with a data_dir already in use")
+            out, err = r.communicate(timeout=T.WAIT)
+        finally:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+        check(r.returncode != 0, "second digfs on the same data_dir exited 0")
+        check((out + err).strip(), "second digfs on the same data_dir printed nothing")
+        check(T.mount_entry(other.mnt) is None, "the second digfs left a mount")
+        check_bytes(T.read_file(m.by_hash(root)), b"in use\n", "first mount still serves")
         check_eq(m.unmount(), 0, "exit status of the first digfs")
 
 

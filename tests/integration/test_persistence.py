@@ -8,7 +8,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digfs_test as T  # noqa: E402
-from digfs_test import check, check_eq, check_bytes, expect_errno  # noqa: E402
+from digfs_test import check, check_eq, check_bytes  # noqa: E402
 
 
 def populate(m, tag):

@@ -304,6 +304,44 @@ def test_tar_extract_into_shared():
         check_bytes(T.read_file(m.by_name(name)), data, f"by-name/{name}")
 
 
+def test_many_entries_listed():
+    """Listings longer than one readdir buffer: every root and name, each exactly once."""
+    m = T.shared_mount()
+    os.mkdir(m.shared("many"))
+    files = {f"many/file-{i:04d}-{'x' * 40}.txt": f"content {i}\n".encode() for i in range(400)}
+    for rel, data in files.items():
+        T.write_file(m.shared(rel), data)
+    roots = {rel: T.wait_hashed(m.shared(rel)) for rel in files}
+    for rel, data in files.items():
+        check_eq(roots[rel], T.merkle_root(data), f"root of shared/{rel}")
+    listed = os.listdir(m.by_hash())
+    check_eq(len(listed), len(set(listed)), "by-hash/ listing has duplicates")
+    missing = set(roots.values()) - set(listed)
+    check(not missing, f"by-hash/ listing lacks {len(missing)} of {len(roots)} roots")
+    names = T.wait_until(lambda: (lambda l: l if len(l) >= len(files) else None)(
+        os.listdir(m.by_name("many"))), "by-name/many to list every file")
+    check_eq(len(names), len(set(names)), "by-name/many listing has duplicates")
+    check_eq(sorted(names), sorted(os.path.basename(r) for r in files), "by-name/many listing")
+    check_eq(sorted(os.listdir(m.shared("many"))), sorted(os.path.basename(r) for r in files),
+             "shared/many listing")
+
+
+def test_unusual_names():
+    """Spaces, UTF-8, a 255-byte name, leading dot, shell metacharacters."""
+    m = T.shared_mount()
+    names = ["with space.txt", "ünïcødé-名前.bin", "n" * 251 + ".bin", ".hidden",
+             "a'b\"c$d;e&f|g*h?i[j]k(l)m{n}o<p>q~r#s%t.txt", "-leading-dash"]
+    for i, rel in enumerate(names):
+        data = f"name test {i}\n".encode()
+        root = T.share(m, rel, data)
+        check_bytes(T.read_file(m.backing(rel)), data, f"backing file {rel!r}")
+        T.wait_exists(m.by_name(rel), f"by-name/{rel!r}")
+        check_eq(os.readlink(m.by_name(rel)), T.by_name_target(rel, root), f"by-name/{rel!r}")
+        check_bytes(T.read_file(m.by_name(rel)), data, f"by-name/{rel!r}")
+    expect_errno(errno.ENAMETOOLONG, os.open, m.shared("n" * 256), os.O_WRONLY | os.O_CREAT,
+                 0o644, what="create a 256-byte name")
+
+
 def test_clean_unmount_exit_code():
     """Last: unmounting the shared mount with fusermount3 -u exits 0."""
     m = T.shared_mount()

@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digfs_test as T  # noqa: E402
-from digfs_test import check, check_eq, check_bytes, expect_errno  # noqa: E402
+from digfs_test import check, check_eq, check_bytes  # noqa: E402
 
 
 def assert_served(m, rel, data, root):
@@ -195,14 +195,74 @@ def test_delete_directory_tree():
     T.wait_enoent(m.by_hash(r2))
 
 
+def test_rename_and_delete_while_hashing():
+    """Renamed or deleted right after close (hashing still running): the root lands under the
+    new name only; the deleted file leaves no root and no name behind."""
+    m = T.shared_mount()
+    big = T.data_of(48 * 1024 * 1024 + 11, 30)
+    big2 = T.data_of(48 * 1024 * 1024 + 12, 31)
+    os.mkdir(m.shared("hd"))
+    T.write_file(m.shared("moving.bin"), big)
+    os.rename(m.shared("moving.bin"), m.shared("hd/moved.bin"))
+    T.write_file(m.shared("hd/doomed.bin"), big2)
+    os.unlink(m.shared("hd/doomed.bin"))
+    T.write_file(m.shared("hd/dir-moved.bin"), big2[:1000000])
+    os.rename(m.shared("hd"), m.shared("hd2"))
+    root = T.wait_hashed(m.shared("hd2/moved.bin"))
+    check_eq(root, T.merkle_root(big), "root of the file renamed while being hashed")
+    check_eq(T.wait_hashed(m.shared("hd2/dir-moved.bin")), T.merkle_root(big2[:1000000]),
+             "root of a file whose directory was renamed while it was being hashed")
+    T.wait_exists(m.by_name("hd2/moved.bin"))
+    T.wait_exists(m.by_name("hd2/dir-moved.bin"))
+    for gone in ("moving.bin", "hd", "hd2/doomed.bin"):
+        T.wait_enoent(m.by_name(gone), f"by-name/{gone} (renamed away or deleted)")
+    T.wait_enoent(m.by_hash(T.merkle_root(big2)), "root of the file deleted while hashing")
+    check_bytes(T.read_file(m.by_name("hd2/moved.bin")), big, "by-name/hd2/moved.bin")
+
+
+def test_extend_and_holes():
+    """truncate() upwards and a pwrite() past the end leave zero-filled holes; roots match."""
+    m = T.shared_mount()
+    head = T.data_of(100, 32)
+    T.share(m, "holes.bin", head)
+    os.truncate(m.shared("holes.bin"), 100000)
+    want = head + bytes(100000 - 100)
+    check_eq(T.wait_hashed(m.shared("holes.bin")), T.merkle_root(want), "root after extending")
+    fd = os.open(m.shared("holes.bin"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"tail", 200000)
+    finally:
+        os.close(fd)
+    want = want + bytes(200000 - len(want)) + b"tail"
+    root = T.wait_hashed(m.shared("holes.bin"))
+    check_eq(root, T.merkle_root(want), "root after a write past the end")
+    assert_served(m, "holes.bin", want, root)
+
+
+def test_mmap_write():
+    """A file changed through a shared writable mmap is rehashed once written back/closed."""
+    import mmap
+    m = T.shared_mount()
+    data = T.data_of(64 * 1024, 33)
+    root_a = T.share(m, "mm.bin", data)
+    with open(m.shared("mm.bin"), "r+b") as f:
+        with mmap.mmap(f.fileno(), 0) as mm:
+            mm[20000:20005] = b"MMAP!"
+            mm.flush()
+    want = data[:20000] + b"MMAP!" + data[20005:]
+    check_bytes(T.read_file(m.backing("mm.bin")), want, "backing file after the mmap write")
+    root = T.wait_hashed(m.shared("mm.bin"))
+    check_eq(root, T.merkle_root(want), "root after an mmap write")
+    assert_served(m, "mm.bin", want, root)
+    T.wait_enoent(m.by_hash(root_a), "old root gone after the mmap write")
+
+
 def test_backing_changed_while_mounted():
     """Bytes changed in data/shared behind digfs's back are never served under the old root:
     reading by-hash/<old root> gives the old bytes (cached, verified) or an error."""
     m = T.shared_mount()
     old = T.data_of(200000, 18)
     root = T.share(m, "behind.bin", old)
-    new = bytearray(old)
-    new[100000:100010] = b"0123456789"
     with open(m.backing("behind.bin"), "r+b") as f:
         f.seek(100000)
         f.write(b"0123456789")
