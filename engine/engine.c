@@ -21,8 +21,8 @@
 #include "engine/root_name.h"
 
 #define FLUSH_INTERVAL_MS 1000
-#define HASH_RETRIES 3        /* a file that keeps changing while read is marked failed */
-#define SCAN_DEPTH_LIMIT 256  /* deeper directories in shared/ are not scanned */
+#define HASH_RETRIES 3       /* a file that keeps changing while read is marked failed */
+#define SCAN_DEPTH_LIMIT 256 /* deeper directories in shared/ are not scanned */
 
 enum msg_kind {
     MSG_WRITTEN,
@@ -40,8 +40,8 @@ enum msg_kind {
 struct msg {
     enum msg_kind kind;
     struct msg *next;
-    uint64_t num;          /* inode (REMOVED), token (READ, CANCEL), block (PUT_BLOCK) */
-    char *path, *path2;    /* WRITTEN, ATTR_CHANGED, RENAMED */
+    uint64_t num;       /* inode (REMOVED), token (READ, CANCEL), block (PUT_BLOCK) */
+    char *path, *path2; /* WRITTEN, ATTR_CHANGED, RENAMED */
     struct dg_content *content;
     uint64_t off;
     size_t len;
@@ -68,9 +68,9 @@ struct waiter {
 /* A shared file to (re)hash. */
 struct hash_task {
     struct dg_engine *e;
-    char *path;            /* relative to shared/; rewritten by renames */
+    char *path; /* relative to shared/; rewritten by renames */
     int running;
-    int dirty;             /* changed again while running: hash again */
+    int dirty; /* changed again while running: hash again */
     int retries;
     uv_work_t work;
     /* result, filled on the pool thread */
@@ -131,11 +131,11 @@ struct dg_content {
     struct dg_engine *e;
     uint8_t root[32];
     uint64_t length;
-    int fd;               /* backing shared file, or -1 for block storage */
-    uint64_t size;        /* stat snapshot of the backing file */
+    int fd;        /* backing shared file, or -1 for block storage */
+    uint64_t size; /* stat snapshot of the backing file */
     int64_t mtime_ns;
-    atomic_int changed;   /* backing file changed under the reader */
-    char *path;           /* relative path of the backing file (for rehashing) */
+    atomic_int changed; /* backing file changed under the reader */
+    char *path;         /* relative path of the backing file (for rehashing) */
 };
 
 static void pump_hash_tasks(struct dg_engine *e);
@@ -329,8 +329,7 @@ void dg_engine_shared_renamed(struct dg_engine *e, const char *from, const char 
     post_path(e, MSG_RENAMED, from, to, replaced, done, arg);
 }
 
-void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino, dg_engine_done_cb done,
-                              void *arg)
+void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino, dg_engine_done_cb done, void *arg)
 {
     post_path(e, MSG_REMOVED, NULL, NULL, ino, done, arg);
 }
@@ -542,12 +541,12 @@ static void hash_done(uv_work_t *req, int status)
          * path; the removal or rename notification settles the index. */
     } else if (task->status == 0) {
         dg_root_format(task->hash.root, hex);
-        int rc = dg_piece_cache_shared_done(e->cache, task->path, &task->hash.st,
-                                            task->hash.root, task->hash.piece_size,
-                                            task->hash.layer, task->hash.layer_count);
+        int rc = dg_piece_cache_shared_done(e->cache, task->path, &task->hash.st, task->hash.root,
+                                            task->hash.piece_size, task->hash.layer,
+                                            task->hash.layer_count);
         if (rc < 0)
-            dg_log(DG_LOG_ERROR, "engine", "index: cannot record the root of %s: %s",
-                   task->path, strerror(-rc));
+            dg_log(DG_LOG_ERROR, "engine", "index: cannot record the root of %s: %s", task->path,
+                   strerror(-rc));
         else
             dg_log(DG_LOG_DEBUG, "engine", "hashed %s: %s", task->path, hex);
     } else {
@@ -628,8 +627,8 @@ static int scan_dir(struct scan_result *r, int fd, const char *rel, int depth)
         if (S_ISREG(st.st_mode)) {
             rc = scan_add(r, path, &st);
         } else if (S_ISDIR(st.st_mode)) {
-            int sub = openat(dirfd(dir), de->d_name,
-                             O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            int sub =
+                openat(dirfd(dir), de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
             if (sub >= 0)
                 rc = scan_dir(r, sub, path, depth + 1);
         }
@@ -721,11 +720,10 @@ static void scan_done(uv_work_t *req, int status)
             queue_hash(e, s->path);
             rehash++;
         }
-        dg_log(DG_LOG_INFO, "engine", "shared/: %zu files, %zu to hash, %zu gone", r->count,
-               rehash, stale.count);
+        dg_log(DG_LOG_INFO, "engine", "shared/: %zu files, %zu to hash, %zu gone", r->count, rehash,
+               stale.count);
     } else if (r->status < 0) {
-        dg_log(DG_LOG_ERROR, "engine", "cannot scan %s: %s", e->shared_dir,
-               strerror(-r->status));
+        dg_log(DG_LOG_ERROR, "engine", "cannot scan %s: %s", e->shared_dir, strerror(-r->status));
     }
     for (size_t i = 0; i < r->count; i++)
         free(r->entries[i].path);
@@ -851,8 +849,8 @@ static void put_block(struct dg_engine *e, struct msg *m)
 
     if (rc < 0) {
         dg_root_format(m->root, hex);
-        dg_log(DG_LOG_WARN, "engine", "block %llu of %s rejected: %s",
-               (unsigned long long)m->num, hex, strerror(-rc));
+        dg_log(DG_LOG_WARN, "engine", "block %llu of %s rejected: %s", (unsigned long long)m->num,
+               hex, strerror(-rc));
         return;
     }
     wake_waiters(e, m->root);

@@ -80,8 +80,7 @@ typedef void (*dg_engine_done_cb)(void *arg);
 
 /* The shared file with backing inode @p ino is gone (unlinked, or replaced by a rename).
  * @p done (may be NULL) runs once the index forgot it. */
-void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino, dg_engine_done_cb done,
-                              void *arg);
+void dg_engine_shared_removed(struct dg_engine *e, uint64_t ino, dg_engine_done_cb done, void *arg);
 
 /* @p from (a file or directory inside shared/) was renamed to @p to; @p replaced is the inode
  * of a file the rename replaced, or 0. @p done (may be NULL) runs once the index has the new

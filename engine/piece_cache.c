@@ -103,8 +103,7 @@ static int mkdir_p(const char *path)
     return 0;
 }
 
-int dg_piece_cache_open(const char *index_dir, const char *block_dir,
-                        struct dg_piece_cache **out)
+int dg_piece_cache_open(const char *index_dir, const char *block_dir, struct dg_piece_cache **out)
 {
     struct dg_piece_cache *c;
     MDB_txn *txn = NULL;
@@ -134,8 +133,8 @@ int dg_piece_cache_open(const char *index_dir, const char *block_dir,
         const char *name;
         MDB_dbi *dbi;
     } dbs[] = {
-        {"roots", &c->roots},   {"layers", &c->layers}, {"leaves", &c->leaves},
-        {"have", &c->have},     {"files", &c->files},   {"root_files", &c->root_files},
+        {"roots", &c->roots}, {"layers", &c->layers}, {"leaves", &c->leaves},
+        {"have", &c->have},   {"files", &c->files},   {"root_files", &c->root_files},
     };
     for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++) {
         rc = map_mdb_error(mdb_dbi_open(txn, dbs[i].name, MDB_CREATE, dbs[i].dbi));
@@ -207,8 +206,7 @@ static int put_root(MDB_txn *txn, struct dg_piece_cache *c, const uint8_t root[3
     return map_mdb_error(mdb_put(txn, c->roots, &key, &val, 0));
 }
 
-static int get_file(MDB_txn *txn, struct dg_piece_cache *c, uint64_t ino,
-                    struct dg_shared_file *f)
+static int get_file(MDB_txn *txn, struct dg_piece_cache *c, uint64_t ino, struct dg_shared_file *f)
 {
     uint8_t k[8];
     MDB_val key = {8, k}, val;
@@ -318,8 +316,7 @@ static int drop_root_if_unheld(struct dg_piece_cache *c, MDB_txn *txn, const uin
     return delete_prefix(txn, c->have, root);
 }
 
-static int unlink_root(struct dg_piece_cache *c, MDB_txn *txn, const uint8_t root[32],
-                       uint64_t ino)
+static int unlink_root(struct dg_piece_cache *c, MDB_txn *txn, const uint8_t root[32], uint64_t ino)
 {
     uint8_t k[40];
     MDB_val key = {40, k};
@@ -414,8 +411,7 @@ int dg_piece_cache_list_roots(struct dg_piece_cache *c, const uint8_t *after, ui
     return 0;
 }
 
-int dg_piece_cache_shared_get(struct dg_piece_cache *c, uint64_t ino,
-                              struct dg_shared_file *out)
+int dg_piece_cache_shared_get(struct dg_piece_cache *c, uint64_t ino, struct dg_shared_file *out)
 {
     MDB_txn *txn;
     int rc;
@@ -428,8 +424,7 @@ int dg_piece_cache_shared_get(struct dg_piece_cache *c, uint64_t ino,
 }
 
 int dg_piece_cache_shared_by_root(struct dg_piece_cache *c, const uint8_t root[32],
-                                  int (*fn)(void *arg, const struct dg_shared_file *f),
-                                  void *arg)
+                                  int (*fn)(void *arg, const struct dg_shared_file *f), void *arg)
 {
     struct dg_shared_file *f;
     MDB_txn *txn;
@@ -495,8 +490,7 @@ out:
     return rc;
 }
 
-static int get_layer(MDB_txn *txn, struct dg_piece_cache *c, const uint8_t root[32],
-                     MDB_val *val)
+static int get_layer(MDB_txn *txn, struct dg_piece_cache *c, const uint8_t root[32], MDB_val *val)
 {
     MDB_val key = {32, (void *)root};
     int rc = map_mdb_error(mdb_get(txn, c->layers, &key, val));
@@ -612,8 +606,8 @@ int dg_piece_cache_has_range(struct dg_piece_cache *c, const uint8_t root[32], u
     return held;
 }
 
-ssize_t dg_piece_cache_read(struct dg_piece_cache *c, const uint8_t root[32], void *buf,
-                            size_t len, uint64_t off)
+ssize_t dg_piece_cache_read(struct dg_piece_cache *c, const uint8_t root[32], void *buf, size_t len,
+                            uint64_t off)
 {
     struct dg_root_record rec;
     MDB_txn *txn;
@@ -732,8 +726,7 @@ static int record_file(struct dg_piece_cache *c, struct dg_shared_file *f)
     return commit(txn);
 }
 
-int dg_piece_cache_shared_begin(struct dg_piece_cache *c, const char *path,
-                                const struct stat *st)
+int dg_piece_cache_shared_begin(struct dg_piece_cache *c, const char *path, const struct stat *st)
 {
     struct dg_shared_file *f = malloc(sizeof(*f));
     int rc;
@@ -747,8 +740,8 @@ int dg_piece_cache_shared_begin(struct dg_piece_cache *c, const char *path,
     return rc;
 }
 
-int dg_piece_cache_shared_failed(struct dg_piece_cache *c, const char *path,
-                                 const struct stat *st, int error)
+int dg_piece_cache_shared_failed(struct dg_piece_cache *c, const char *path, const struct stat *st,
+                                 int error)
 {
     struct dg_shared_file *f = malloc(sizeof(*f));
     int rc;
@@ -764,8 +757,8 @@ int dg_piece_cache_shared_failed(struct dg_piece_cache *c, const char *path,
 }
 
 int dg_piece_cache_shared_done(struct dg_piece_cache *c, const char *path, const struct stat *st,
-                               const uint8_t root[32], uint64_t piece_size,
-                               const uint8_t *layer, uint64_t layer_count)
+                               const uint8_t root[32], uint64_t piece_size, const uint8_t *layer,
+                               uint64_t layer_count)
 {
     struct dg_shared_file *f = malloc(sizeof(*f));
     struct dg_root_record rec;
@@ -821,8 +814,7 @@ out:
     return rc;
 }
 
-int dg_piece_cache_shared_restat(struct dg_piece_cache *c, const char *path,
-                                 const struct stat *st)
+int dg_piece_cache_shared_restat(struct dg_piece_cache *c, const char *path, const struct stat *st)
 {
     struct dg_shared_file *old = malloc(sizeof(*old)), *f = malloc(sizeof(*f));
     MDB_txn *txn = NULL;
@@ -1084,8 +1076,8 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
     rc = get_root(txn, c, root, &rec);
     if (rc == 0) {
         uint64_t blocks = dg_merkle_block_count(rec.length);
-        uint64_t want = block + 1 < blocks ? DG_MERKLE_BLOCK_SIZE
-                                           : rec.length - block * DG_MERKLE_BLOCK_SIZE;
+        uint64_t want =
+            block + 1 < blocks ? DG_MERKLE_BLOCK_SIZE : rec.length - block * DG_MERKLE_BLOCK_SIZE;
         if (block >= blocks || len != want)
             rc = -EINVAL;
         else if (blocks_held(c, txn, root, block, block))

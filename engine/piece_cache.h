@@ -35,10 +35,10 @@ struct dg_root_info {
     uint64_t length;
     uint64_t piece_size;
     uint64_t blocks_total;
-    uint64_t blocks_cached;  /* verified blocks in block storage (committed or not) */
-    uint32_t shared_files;   /* shared files recorded with this root (validated on open) */
-    uint32_t flags;          /* DG_ROOT_* */
-    int64_t last_access;     /* unix seconds */
+    uint64_t blocks_cached; /* verified blocks in block storage (committed or not) */
+    uint32_t shared_files;  /* shared files recorded with this root (validated on open) */
+    uint32_t flags;         /* DG_ROOT_* */
+    int64_t last_access;    /* unix seconds */
 };
 
 enum dg_shared_state {
@@ -62,8 +62,7 @@ struct dg_shared_file {
 
 /* Opens (creating when missing) the index in @p index_dir and block storage in @p block_dir.
  * @return 0, -errno from mkdir/LMDB (mapped to errno values), -ENOMEM. */
-int dg_piece_cache_open(const char *index_dir, const char *block_dir,
-                        struct dg_piece_cache **out);
+int dg_piece_cache_open(const char *index_dir, const char *block_dir, struct dg_piece_cache **out);
 
 /* Commits pending state and closes. NULL is allowed. */
 void dg_piece_cache_close(struct dg_piece_cache *c);
@@ -82,14 +81,12 @@ int dg_piece_cache_list_roots(struct dg_piece_cache *c, const uint8_t *after, ui
                               size_t max, size_t *n);
 
 /* The record of the shared file with backing inode @p ino. @return 0, -ENOENT, -EIO. */
-int dg_piece_cache_shared_get(struct dg_piece_cache *c, uint64_t ino,
-                              struct dg_shared_file *out);
+int dg_piece_cache_shared_get(struct dg_piece_cache *c, uint64_t ino, struct dg_shared_file *out);
 
 /* Calls @p fn for each shared file recorded with @p root until it returns non-zero.
  * @return the non-zero value @p fn returned, 0 when all were visited, -EIO. */
 int dg_piece_cache_shared_by_root(struct dg_piece_cache *c, const uint8_t root[32],
-                                  int (*fn)(void *arg, const struct dg_shared_file *f),
-                                  void *arg);
+                                  int (*fn)(void *arg, const struct dg_shared_file *f), void *arg);
 
 /* Calls @p fn for every shared file record until it returns non-zero. Same returns. */
 int dg_piece_cache_shared_each(struct dg_piece_cache *c,
@@ -103,8 +100,8 @@ int dg_piece_cache_layer(struct dg_piece_cache *c, const uint8_t root[32], uint8
  * @return bytes read (short only at end of file); -EAGAIN if a needed block is not held;
  *         -ENOENT for an unknown root; -EIO if storage lost the bytes (the blocks are then
  *         forgotten so they can be fetched again). */
-ssize_t dg_piece_cache_read(struct dg_piece_cache *c, const uint8_t root[32], void *buf,
-                            size_t len, uint64_t off);
+ssize_t dg_piece_cache_read(struct dg_piece_cache *c, const uint8_t root[32], void *buf, size_t len,
+                            uint64_t off);
 
 /* 1 if every block of [off, off+len) of @p root is held in block storage, else 0. */
 int dg_piece_cache_has_range(struct dg_piece_cache *c, const uint8_t root[32], uint64_t off,
@@ -114,26 +111,24 @@ int dg_piece_cache_has_range(struct dg_piece_cache *c, const uint8_t root[32], u
 
 /* Records that the file at @p path (inode @p st) is being (re)hashed: state HASHING, and its
  * previous root (if any) loses this file. @return 0, -EIO, -ENOSPC (index full). */
-int dg_piece_cache_shared_begin(struct dg_piece_cache *c, const char *path,
-                                const struct stat *st);
+int dg_piece_cache_shared_begin(struct dg_piece_cache *c, const char *path, const struct stat *st);
 
 /* Records a finished hash of the shared file @p path: stat snapshot @p st, root, piece layer.
  * Replaces any earlier record of the inode, links the root to the file and creates the root.
  * @return 0, -EIO, -ENOSPC. */
 int dg_piece_cache_shared_done(struct dg_piece_cache *c, const char *path, const struct stat *st,
-                               const uint8_t root[32], uint64_t piece_size,
-                               const uint8_t *layer, uint64_t layer_count);
+                               const uint8_t root[32], uint64_t piece_size, const uint8_t *layer,
+                               uint64_t layer_count);
 
 /* Records that hashing @p path failed with @p error (positive errno). */
-int dg_piece_cache_shared_failed(struct dg_piece_cache *c, const char *path,
-                                 const struct stat *st, int error);
+int dg_piece_cache_shared_failed(struct dg_piece_cache *c, const char *path, const struct stat *st,
+                                 int error);
 
 /* Refreshes the stat snapshot and path of a hashed shared file after a change of metadata only
  * (rename, chmod: ctime moves, bytes do not). Only when @p st has the recorded inode, device,
  * size and mtime. @return 0; -ESTALE when those differ (the file must be rehashed); -ENOENT
  * when the inode is not recorded or not hashed; -EIO. */
-int dg_piece_cache_shared_restat(struct dg_piece_cache *c, const char *path,
-                                 const struct stat *st);
+int dg_piece_cache_shared_restat(struct dg_piece_cache *c, const char *path, const struct stat *st);
 
 /* Forgets the shared file with inode @p ino; its root goes away unless another shared file or
  * block storage still holds it. @return 0 (also when unknown), -EIO. */

@@ -17,11 +17,11 @@ struct dg_shared_file;
 
 /* Value of the `roots` table. */
 struct dg_root_record {
-    uint32_t flags;          /* DG_ROOT_* */
+    uint32_t flags; /* DG_ROOT_* */
     uint64_t length;
     uint64_t piece_size;
-    uint64_t blocks_cached;  /* committed verified blocks in block storage */
-    int64_t last_access;     /* unix seconds */
+    uint64_t blocks_cached; /* committed verified blocks in block storage */
+    int64_t last_access;    /* unix seconds */
 };
 
 /* Writes @p rec into @p out (DG_ROOT_RECORD_SIZE bytes). */

@@ -186,8 +186,7 @@ struct dg_node *dg_node_table_get(struct dg_node_table *t, uint64_t id)
 
 static void unlink_from(struct dg_node **head, struct dg_node *n, int by_key)
 {
-    for (struct dg_node **pp = head; *pp;
-         pp = by_key ? &(*pp)->next_by_key : &(*pp)->next_by_id) {
+    for (struct dg_node **pp = head; *pp; pp = by_key ? &(*pp)->next_by_key : &(*pp)->next_by_id) {
         if (*pp == n) {
             *pp = by_key ? n->next_by_key : n->next_by_id;
             return;

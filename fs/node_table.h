@@ -21,20 +21,20 @@ enum dg_node_kind {
 };
 
 struct dg_node {
-    uint64_t id;           /* the FUSE inode number */
+    uint64_t id; /* the FUSE inode number */
     enum dg_node_kind kind;
     uint64_t nlookup;
     /* identity */
-    dev_t dev;             /* backing device and inode (SHARED, BYNAME_*) */
+    dev_t dev; /* backing device and inode (SHARED, BYNAME_*) */
     ino_t ino;
-    uint8_t root[32];      /* BYHASH_FILE (and the current target of a BYNAME_LINK) */
+    uint8_t root[32]; /* BYHASH_FILE (and the current target of a BYNAME_LINK) */
     /* state, guarded by the node's owner (fs/ops.c) */
-    int fd;                /* O_PATH descriptor of the backing file or directory, or -1 */
+    int fd; /* O_PATH descriptor of the backing file or directory, or -1 */
     int is_dir;
-    unsigned depth;        /* BYNAME_*: directories between by-name/ and this entry */
-    uint64_t length;       /* BYHASH_FILE */
-    unsigned writers;      /* SHARED files: handles open for writing */
-    int dirty;             /* SHARED files: written since the engine was last told */
+    unsigned depth;   /* BYNAME_*: directories between by-name/ and this entry */
+    uint64_t length;  /* BYHASH_FILE */
+    unsigned writers; /* SHARED files: handles open for writing */
+    int dirty;        /* SHARED files: written since the engine was last told */
     struct dg_node *next_by_id, *next_by_key;
 };
 

@@ -51,10 +51,10 @@ struct dg_fs {
 
 /* State of an open directory. */
 struct dir_handle {
-    DIR *dp;          /* backing directory (shared/, by-name/) */
+    DIR *dp; /* backing directory (shared/, by-name/) */
     off_t offset;
     struct dirent *entry;
-    uint8_t *roots;   /* by-hash/: snapshot of the held roots */
+    uint8_t *roots; /* by-hash/: snapshot of the held roots */
     size_t nroots;
 };
 
@@ -89,7 +89,7 @@ static void *read_buffer(size_t size)
     struct buf {
         size_t cap;
         char data[];
-    } *b;
+    } * b;
 
     pthread_once(&read_buf_once, make_read_buf_key);
     b = pthread_getspecific(read_buf_key);
@@ -140,8 +140,8 @@ static int shared_relpath(struct dg_fs *fs, const struct dg_node *n, char *out, 
 }
 
 /* Relative path of @p name inside the SHARED directory @p dir. */
-static int child_relpath(struct dg_fs *fs, const struct dg_node *dir, const char *name,
-                         char *out, size_t size)
+static int child_relpath(struct dg_fs *fs, const struct dg_node *dir, const char *name, char *out,
+                         size_t size)
 {
     int rc = shared_relpath(fs, dir, out, size);
     size_t len;
@@ -332,8 +332,7 @@ static void reply_fixed(fuse_req_t req, struct dg_node *n)
 
 /* Looks @p name up in the backing directory of @p parent; only regular files and directories
  * are visible. @p st receives the backing stat; @p fd an O_PATH descriptor (may be NULL). */
-static int backing_lookup(const struct dg_node *parent, const char *name, struct stat *st,
-                          int *fd)
+static int backing_lookup(const struct dg_node *parent, const char *name, struct stat *st, int *fd)
 {
     int rc;
 
@@ -689,8 +688,7 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     lookup_shared(req, p, name);
 }
 
-static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                     dev_t rdev)
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
     struct dg_node *p = shared_dir(req, parent, name_ok, name);
 
@@ -795,8 +793,8 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
         return;
     }
     /* Answered by the engine once the index has the new paths. */
-    dg_engine_shared_renamed(fs->engine, from, to, replaced ? (uint64_t)dst.st_ino : 0,
-                             reply_ok, req);
+    dg_engine_shared_renamed(fs->engine, from, to, replaced ? (uint64_t)dst.st_ino : 0, reply_ok,
+                             req);
 }
 
 /* ---------------------------------------------------------------- files */
@@ -1196,8 +1194,7 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                 name = hex;
                 st.st_mode = S_IFREG;
             }
-            size_t len = fuse_add_direntry(req, buf + used, size - used, name, &st,
-                                           (off_t)(i + 1));
+            size_t len = fuse_add_direntry(req, buf + used, size - used, name, &st, (off_t)(i + 1));
             if (len > size - used)
                 break;
             used += len;

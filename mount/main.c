@@ -48,8 +48,7 @@ static int run_mount(struct dg_options *o, int report_fd)
     }
     if ((rc = dg_engine_new(&cfg, &engine)) < 0) {
         if (rc == -EBUSY)
-            fprintf(stderr, "digfs: data directory %s is in use by another digfs\n",
-                    o->data_dir);
+            fprintf(stderr, "digfs: data directory %s is in use by another digfs\n", o->data_dir);
         else
             fprintf(stderr, "digfs: cannot open data directory %s: %s\n", o->data_dir,
                     strerror(-rc));
@@ -151,8 +150,7 @@ int main(int argc, char **argv)
     if (!o.foreground) {
         report_fd = dg_daemon_start();
         if (report_fd < 0) {
-            fprintf(stderr, "digfs: cannot start in the background: %s\n",
-                    strerror(-report_fd));
+            fprintf(stderr, "digfs: cannot start in the background: %s\n", strerror(-report_fd));
             dg_options_free(&o);
             return 1;
         }

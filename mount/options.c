@@ -24,11 +24,28 @@ int dg_parse_size(const char *s, uint64_t *out)
     if (p == s)
         return -EINVAL;
     switch (*p) {
-    case 'k': case 'K': mult = 1ull << 10; p++; break;
-    case 'm': case 'M': mult = 1ull << 20; p++; break;
-    case 'g': case 'G': mult = 1ull << 30; p++; break;
-    case 't': case 'T': mult = 1ull << 40; p++; break;
-    default: break;
+    case 'k':
+    case 'K':
+        mult = 1ull << 10;
+        p++;
+        break;
+    case 'm':
+    case 'M':
+        mult = 1ull << 20;
+        p++;
+        break;
+    case 'g':
+    case 'G':
+        mult = 1ull << 30;
+        p++;
+        break;
+    case 't':
+    case 'T':
+        mult = 1ull << 40;
+        p++;
+        break;
+    default:
+        break;
     }
     if (mult > 1 && *p == 'i')
         p++;
@@ -143,8 +160,7 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
         return set_path(&o->cache_dir, value, err, errlen, "cache_dir");
     if (IS("cache_size")) {
         if (dg_parse_size(value, &o->cache_size) < 0) {
-            snprintf(err, errlen, "bad cache_size '%s' (use a number with K, M, G or T)",
-                     value);
+            snprintf(err, errlen, "bad cache_size '%s' (use a number with K, M, G or T)", value);
             return -EINVAL;
         }
         return 0;

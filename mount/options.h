@@ -16,18 +16,18 @@
 #define DG_DEFAULT_READ_TIMEOUT_MS 60000u
 
 struct dg_options {
-    char *mountpoint;      /* as given (made absolute later, after stale-mount recovery) */
-    char *data_dir;        /* absolute */
-    char *cache_dir;       /* absolute */
-    uint64_t cache_size;   /* bytes */
+    char *mountpoint;    /* as given (made absolute later, after stale-mount recovery) */
+    char *data_dir;      /* absolute */
+    char *cache_dir;     /* absolute */
+    uint64_t cache_size; /* bytes */
     uint32_t read_timeout_ms;
-    int log_level;         /* enum dg_log_level */
+    int log_level; /* enum dg_log_level */
     int foreground;
-    int debug;             /* -d: libfuse debug output, implies foreground */
-    int single_thread;     /* -s */
+    int debug;         /* -d: libfuse debug output, implies foreground */
+    int single_thread; /* -s */
     int show_help;
     int show_version;
-    char *fuse_opts;       /* comma-separated options for libfuse, never NULL after parse */
+    char *fuse_opts; /* comma-separated options for libfuse, never NULL after parse */
 };
 
 /* Parses a size: digits with an optional K, M, G or T suffix (powers of 1024; an optional
