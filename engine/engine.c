@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "engine/fsutil.h"
 #include "engine/hash_file.h"
 #include "engine/log.h"
 #include "engine/merkle.h"
@@ -203,14 +204,19 @@ int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
     if (!e->shared_dir || !e->index_dir)
         goto fail;
     e->lock_fd = -1;
-    /* The piece cache creates data_dir (and its parents) with the index. */
+    /* Lock first: LMDB must never be opened twice by one process, and a refused second
+     * engine must not touch the index of the running one. */
+    if ((rc = dg_mkdir_p(e->data_dir)) < 0 || (rc = lock_data_dir(e)) < 0) {
+        if (rc != -EBUSY)
+            dg_log(DG_LOG_ERROR, "engine", "cannot use data directory %s: %s", e->data_dir,
+                   strerror(-rc));
+        goto fail;
+    }
     if ((rc = dg_piece_cache_open(e->index_dir, e->cache_dir, &e->cache)) < 0) {
         dg_log(DG_LOG_ERROR, "engine", "cannot open the index in %s: %s", e->index_dir,
                strerror(-rc));
         goto fail;
     }
-    if ((rc = lock_data_dir(e)) < 0)
-        goto fail;
     if (mkdir(e->shared_dir, 0755) < 0 && errno != EEXIST) {
         rc = -errno;
         dg_log(DG_LOG_ERROR, "engine", "cannot create %s: %s", e->shared_dir, strerror(errno));

@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine/fsutil.h"
 #include "engine/log.h"
 #include "engine/merkle.h"
 #include "engine/record.h"
@@ -83,26 +84,6 @@ static int64_t now_seconds(void)
     return (int64_t)time(NULL);
 }
 
-static int mkdir_p(const char *path)
-{
-    char buf[4096];
-    size_t len = strlen(path);
-
-    if (len == 0 || len >= sizeof(buf))
-        return -ENAMETOOLONG;
-    memcpy(buf, path, len + 1);
-    for (size_t i = 1; i <= len; i++) {
-        if (buf[i] != '/' && buf[i] != '\0')
-            continue;
-        char saved = buf[i];
-        buf[i] = '\0';
-        if (mkdir(buf, 0700) < 0 && errno != EEXIST)
-            return -errno;
-        buf[i] = saved;
-    }
-    return 0;
-}
-
 int dg_piece_cache_open(const char *index_dir, const char *block_dir, struct dg_piece_cache **out)
 {
     struct dg_piece_cache *c;
@@ -118,7 +99,7 @@ int dg_piece_cache_open(const char *index_dir, const char *block_dir, struct dg_
         rc = -ENOMEM;
         goto fail;
     }
-    if ((rc = mkdir_p(index_dir)) < 0 || (rc = mkdir_p(block_dir)) < 0)
+    if ((rc = dg_mkdir_p(index_dir)) < 0 || (rc = dg_mkdir_p(block_dir)) < 0)
         goto fail;
     if ((rc = map_mdb_error(mdb_env_create(&c->env))) < 0)
         goto fail;
@@ -597,7 +578,7 @@ int dg_piece_cache_has_range(struct dg_piece_cache *c, const uint8_t root[32], u
         if (off >= rec.length || len == 0)
             held = 1;
         else {
-            uint64_t end = off + len > rec.length ? rec.length : off + len;
+            uint64_t end = len > rec.length - off ? rec.length : off + len; /* no wrap */
             held = blocks_held(c, txn, root, off / DG_MERKLE_BLOCK_SIZE,
                                (end - 1) / DG_MERKLE_BLOCK_SIZE);
         }
@@ -1063,6 +1044,40 @@ static struct pending_root *pending_for(struct dg_piece_cache *c, const uint8_t 
     return p;
 }
 
+/* Drops the uncommitted blocks of @p root: they went to a block file that was lost. */
+static void drop_pending(struct dg_piece_cache *c, const uint8_t root[32])
+{
+    struct pending_root *gone = NULL;
+
+    pthread_mutex_lock(&c->lock);
+    for (struct pending_root **pp = &c->pending; *pp; pp = &(*pp)->next) {
+        if (memcmp((*pp)->root, root, 32) == 0) {
+            gone = *pp;
+            *pp = gone->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (gone) {
+        if (gone->fd >= 0)
+            close(gone->fd);
+        free(gone->blocks);
+        free(gone);
+    }
+}
+
+/* Whether a reader found the block storage of @p root lost since the last flush. */
+static int marked_lost(struct dg_piece_cache *c, const uint8_t root[32])
+{
+    int lost = 0;
+
+    pthread_mutex_lock(&c->lock);
+    for (struct touched_root *t = c->touched; t && !lost; t = t->next)
+        lost = t->lost && memcmp(t->root, root, 32) == 0;
+    pthread_mutex_unlock(&c->lock);
+    return lost;
+}
+
 int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], uint64_t block,
                              const void *data, size_t len)
 {
@@ -1071,6 +1086,10 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
     uint8_t leaf[32], hash[32];
     int rc;
 
+    /* A reader found this root's block file gone: forget its blocks before adding new ones,
+     * or the new block would be taken as held and then forgotten with the rest. */
+    if (marked_lost(c, root) && (rc = dg_piece_cache_flush(c)) < 0)
+        return rc;
     if ((rc = read_txn(c, &txn)) < 0)
         return rc;
     rc = get_root(txn, c, root, &rec);
@@ -1195,9 +1214,14 @@ int dg_piece_cache_flush(struct dg_piece_cache *c)
     int rc = 0;
 
     pthread_mutex_lock(&c->lock);
-    pending = c->pending;
     touched = c->touched;
     c->touched = NULL;
+    pthread_mutex_unlock(&c->lock);
+    for (t = touched; t; t = t->next)
+        if (t->lost)
+            drop_pending(c, t->root);
+    pthread_mutex_lock(&c->lock);
+    pending = c->pending;
     pthread_mutex_unlock(&c->lock);
     if (!pending && !touched)
         return 0;

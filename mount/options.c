@@ -17,9 +17,10 @@ int dg_parse_size(const char *s, uint64_t *out)
     if (!s || !*s)
         return -EINVAL;
     for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > (UINT64_MAX - 9) / 10)
+        uint64_t digit = (uint64_t)(*p - '0');
+        if (v > (UINT64_MAX - digit) / 10)
             return -EINVAL;
-        v = v * 10 + (uint64_t)(*p - '0');
+        v = v * 10 + digit;
     }
     if (p == s)
         return -EINVAL;
@@ -62,7 +63,8 @@ int dg_parse_seconds(const char *s, uint32_t *ms)
     char *end;
     double v;
 
-    if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+    /* Plain decimal only: strtod alone would also take white space, signs, hex and "inf". */
+    if (!s || !*s || strspn(s, "0123456789.") != strlen(s) || strchr(s, '.') != strrchr(s, '.'))
         return -EINVAL;
     errno = 0;
     v = strtod(s, &end);
@@ -186,14 +188,19 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
         return 0; /* always on */
 #undef IS
     /* Not ours: libfuse's (it rejects what it does not know). Keep the escaping. */
-    char esc[2 * PATH_MAX];
+    char *esc = malloc(2 * strlen(opt) + 1);
     size_t n = 0;
-    for (const char *p = opt; *p && n + 2 < sizeof(esc); p++) {
+    int rc;
+    if (!esc)
+        return -ENOMEM;
+    for (const char *p = opt; *p; p++) {
         if (*p == ',' || *p == '\\')
             esc[n++] = '\\';
         esc[n++] = *p;
     }
-    return append_fuse_opt(o, esc, n);
+    rc = append_fuse_opt(o, esc, n);
+    free(esc);
+    return rc;
 }
 
 /* Splits one -o argument at unescaped commas ("\," is a comma inside a value). */
@@ -258,8 +265,12 @@ int dg_options_parse(int argc, char **argv, struct dg_options *o, char *err, siz
             snprintf(err, errlen, "unknown option %s", a);
             rc = -EINVAL;
         } else if (!o->mountpoint) {
-            if (!(o->mountpoint = strdup(a)))
+            if (!a[0]) {
+                snprintf(err, errlen, "the mount point is an empty string");
+                rc = -EINVAL;
+            } else if (!(o->mountpoint = strdup(a))) {
                 rc = -ENOMEM;
+            }
         } else {
             snprintf(err, errlen, "unexpected argument %s", a);
             rc = -EINVAL;
