@@ -30,10 +30,12 @@
 #define HASHING_VALUE "hashing"
 
 /* How long the kernel may trust what we said. by-name entries are recomputed on every
- * walk (a link's target and depth follow shared/), shared/ follows the passthrough
- * convention, by-hash contents never change. */
+ * walk (a link's target and depth follow shared/); shared/ follows the passthrough
+ * convention. A by-hash name is checked against the index on every walk (a cheap LMDB read),
+ * so a root is gone the moment the unlink or rename that dropped it returns; its attributes
+ * and page cache stay valid, since its bytes never change. */
 #define SHARED_TIMEOUT 1.0
-#define BYHASH_ENTRY_TIMEOUT 1.0
+#define BYHASH_ENTRY_TIMEOUT 0.0
 #define BYHASH_ATTR_TIMEOUT 3600.0
 #define FIXED_TIMEOUT 3600.0
 

@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digfs_test as T  # noqa: E402
-from digfs_test import check, check_eq, check_bytes  # noqa: E402
+from digfs_test import check, check_eq, check_bytes, expect_errno  # noqa: E402
 
 
 def assert_served(m, rel, data, root):
@@ -90,6 +90,23 @@ def test_delete():
     T.wait_enoent(m.by_hash(root), "by-hash/<root> gone after unlink")
     check(root not in os.listdir(m.by_hash()), "deleted root still listed")
     check("del.bin" not in os.listdir(m.by_name()), "deleted name still listed in by-name/")
+
+
+def test_delete_takes_effect_when_unlink_returns():
+    """No window where a deleted file's root still resolves: unlink is answered only after the
+    index dropped the root, and by-hash names are checked on every path walk. The kernel's
+    caches are filled first (stat, read through by-hash and by-name)."""
+    m = T.shared_mount()
+    data = T.data_of(26000, 17)
+    root = T.share(m, "gone-now.bin", data)
+    for _ in range(2):
+        os.stat(m.by_hash(root))
+        check_bytes(T.read_file(m.by_hash(root)), data, "by-hash before the unlink")
+        check_bytes(T.read_file(m.by_name("gone-now.bin")), data, "by-name before the unlink")
+    os.unlink(m.shared("gone-now.bin"))
+    expect_errno({errno.ENOENT}, os.stat, m.by_hash(root), what="stat by-hash/ right after unlink")
+    expect_errno({errno.ENOENT}, os.lstat, m.by_name("gone-now.bin"),
+                 what="lstat by-name/ right after unlink")
 
 
 def test_duplicates_keep_root():
