@@ -24,6 +24,7 @@
 #define FLUSH_INTERVAL_MS 1000
 #define HASH_RETRIES 3       /* a file that keeps changing while read is marked failed */
 #define SCAN_DEPTH_LIMIT 256 /* deeper directories in shared/ are not scanned */
+#define EARLY_CANCELS 64     /* cancels remembered for reads that have not arrived yet */
 
 enum msg_kind {
     MSG_WRITTEN,
@@ -122,6 +123,8 @@ struct dg_engine {
     struct hash_task *tasks;
     unsigned tasks_running;
     struct waiter *waiters;
+    uint64_t early_cancels[EARLY_CANCELS]; /* cancels that came before their read */
+    unsigned early_cancel_next;
     struct idle_waiter *idle_waiters;
     int scanning;
     int shutting_down; /* the loop's own copy of stopping */
@@ -373,8 +376,18 @@ int dg_engine_put_block(struct dg_engine *e, const uint8_t root[32], uint64_t bl
     return rc;
 }
 
-int dg_engine_read(struct dg_engine *e, struct dg_content *c, uint64_t off, size_t len,
-                   dg_engine_read_cb cb, void *arg, uint64_t *token)
+uint64_t dg_engine_read_token(struct dg_engine *e)
+{
+    uint64_t token;
+
+    pthread_mutex_lock(&e->queue_lock);
+    token = e->next_token++;
+    pthread_mutex_unlock(&e->queue_lock);
+    return token;
+}
+
+int dg_engine_read_as(struct dg_engine *e, uint64_t token, struct dg_content *c, uint64_t off,
+                      size_t len, dg_engine_read_cb cb, void *arg)
 {
     struct msg *m = new_msg(MSG_READ);
 
@@ -386,11 +399,7 @@ int dg_engine_read(struct dg_engine *e, struct dg_content *c, uint64_t off, size
     m->len = len;
     m->read_cb = cb;
     m->arg = arg;
-    pthread_mutex_lock(&e->queue_lock);
-    m->num = e->next_token++;
-    pthread_mutex_unlock(&e->queue_lock);
-    if (token)
-        *token = m->num;
+    m->num = token;
     if (post(e, m) < 0) {
         /* Stopping: the callback is still owed exactly once. */
         cb(arg, -ESHUTDOWN, NULL);
@@ -398,6 +407,16 @@ int dg_engine_read(struct dg_engine *e, struct dg_content *c, uint64_t off, size
         free_msg(m);
     }
     return 0;
+}
+
+int dg_engine_read(struct dg_engine *e, struct dg_content *c, uint64_t off, size_t len,
+                   dg_engine_read_cb cb, void *arg, uint64_t *token)
+{
+    uint64_t t = dg_engine_read_token(e);
+
+    if (token)
+        *token = t;
+    return dg_engine_read_as(e, t, c, off, len, cb, arg);
 }
 
 void dg_engine_cancel(struct dg_engine *e, uint64_t token)
@@ -799,10 +818,28 @@ static int waiter_try(struct waiter *w)
     return 1;
 }
 
+/* Whether @p token was cancelled before its read arrived (forgets it if so). */
+static int cancelled_early(struct dg_engine *e, uint64_t token)
+{
+    for (unsigned i = 0; i < EARLY_CANCELS; i++) {
+        if (e->early_cancels[i] == token) {
+            e->early_cancels[i] = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static void start_read(struct dg_engine *e, struct msg *m)
 {
-    struct waiter *w = calloc(1, sizeof(*w));
+    struct waiter *w;
 
+    if (cancelled_early(e, m->num)) {
+        m->read_cb(m->arg, -EINTR, NULL);
+        dg_content_unref(m->content);
+        return;
+    }
+    w = calloc(1, sizeof(*w));
     if (!w) {
         m->read_cb(m->arg, -ENOMEM, NULL);
         dg_content_unref(m->content);
@@ -834,6 +871,8 @@ static void cancel_read(struct dg_engine *e, uint64_t token)
             return;
         }
     }
+    /* Its read may still be on its way (or done already: then this entry is never used). */
+    e->early_cancels[e->early_cancel_next++ % EARLY_CANCELS] = token;
 }
 
 /* Answers the waiters of @p root that can be answered now. */

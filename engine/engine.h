@@ -140,6 +140,16 @@ ssize_t dg_content_read(struct dg_content *c, void *buf, size_t len, uint64_t of
 int dg_engine_read(struct dg_engine *e, struct dg_content *c, uint64_t off, size_t len,
                    dg_engine_read_cb cb, void *arg, uint64_t *token);
 
+/* A fresh token for dg_engine_read_as(). Any thread. */
+uint64_t dg_engine_read_token(struct dg_engine *e);
+
+/* Like dg_engine_read(), with a token taken beforehand by dg_engine_read_token(). A front end
+ * registers its cancellation (a FUSE interrupt handler) with the token first and only then
+ * starts the read, so the read can never complete before the handler is in place. A cancel
+ * that arrives before its read is remembered and the read completes with -EINTR. */
+int dg_engine_read_as(struct dg_engine *e, uint64_t token, struct dg_content *c, uint64_t off,
+                      size_t len, dg_engine_read_cb cb, void *arg);
+
 /* Cancels a read started by dg_engine_read(): its callback gets -EINTR unless it ran already. */
 void dg_engine_cancel(struct dg_engine *e, uint64_t token);
 

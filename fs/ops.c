@@ -974,18 +974,20 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         }
         /* Not held yet: the engine answers when it is, or on timeout or interrupt. */
         struct pending_read *pr = malloc(sizeof(*pr));
-        uint64_t token = 0;
+        uint64_t token;
         if (!pr) {
             fuse_reply_err(req, ENOMEM);
             return;
         }
         pr->req = req;
-        if (dg_engine_read(fs->engine, c, (uint64_t)off, size, read_done, pr, &token) < 0) {
+        /* The interrupt handler goes in first: once the read is posted, the engine may
+         * answer (and libfuse free the request) at any moment. */
+        token = dg_engine_read_token(fs->engine);
+        fuse_req_interrupt_func(req, read_interrupted, (void *)(uintptr_t)token);
+        if (dg_engine_read_as(fs->engine, token, c, (uint64_t)off, size, read_done, pr) < 0) {
             free(pr);
             fuse_reply_err(req, ENOMEM);
-            return;
         }
-        fuse_req_interrupt_func(req, read_interrupted, (void *)(uintptr_t)token);
         return;
     }
     struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);

@@ -480,6 +480,43 @@ static void test_read_cancel(void **state)
     free_content(ct);
 }
 
+/* A cancel that reaches the engine before its read (a FUSE interrupt that fired while the read
+ * was being posted) must not be lost: the read completes with -EINTR, not after the timeout. */
+static void test_cancel_before_read(void **state)
+{
+    struct fixture *fx = *state;
+    struct content *ct = make_content(fx, 3 * BLOCK, 5);
+    struct dg_engine *e = engine_with(fx, ct, LONG_TIMEOUT_MS);
+    struct dg_content *c = NULL;
+    struct box b, other;
+    uint64_t token, other_token;
+
+    assert_int_equal(dg_engine_open(e, ct->root, &c), 0);
+    box_init(&b);
+    box_init(&other);
+    token = dg_engine_read_token(e);
+    other_token = dg_engine_read_token(e);
+    assert_true(token != other_token);
+    dg_engine_cancel(e, token);
+    wait_idle(e);
+    assert_int_equal(dg_engine_read_as(e, token, c, 0, 100, read_cb, &b), 0);
+    box_wait(&b);
+    assert_int_equal(b.status, -EINTR);
+    /* Another read, not cancelled, still waits for its block and completes once. */
+    assert_int_equal(dg_engine_read_as(e, other_token, c, BLOCK, 100, read_cb, &other), 0);
+    wait_idle(e);
+    assert_int_equal(box_calls(&other), 0);
+    put_block(e, ct, 1);
+    box_wait(&other);
+    assert_int_equal(other.status, 100);
+    assert_int_equal(box_calls(&b), 1);
+    box_destroy(&b);
+    box_destroy(&other);
+    dg_content_unref(c);
+    dg_engine_free(e);
+    free_content(ct);
+}
+
 static void test_stop_with_waiting_read(void **state)
 {
     struct fixture *fx = *state;
@@ -835,6 +872,7 @@ int main(void)
         T(test_many_waiters),
         T(test_read_timeout),
         T(test_read_cancel),
+        T(test_cancel_before_read),
         T(test_stop_with_waiting_read),
         T(test_no_start),
         T(test_shared_files),
