@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets up digfs on a Debian 12 machine and mounts it in the foreground:
 #   1. installs the Debian packages that are missing (build and runtime only),
-#   2. builds build/digfs (Release),
+#   2. builds build-release/digfs (Release),
 #   3. creates MOUNTPOINT if it does not exist,
-#   4. runs `build/digfs MOUNTPOINT -f [OPTIONS...]` in place of this script.
+#   4. runs `build-release/digfs MOUNTPOINT -f [OPTIONS...]` in place of this script.
 # Stop it with Ctrl-C, or `fusermount3 -u MOUNTPOINT` from another terminal.
 # Works from any directory; needs root (or sudo) only when packages are missing.
 set -euo pipefail
@@ -106,9 +106,9 @@ if [ ! -c /dev/fuse ]; then
 fi
 [ -c /dev/fuse ] || say "warning: /dev/fuse is missing: the mount will fail"
 
-say "building build/digfs"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DDIGFS_TESTS=OFF >/dev/null
-cmake --build build -j "$(nproc)"
+say "building build-release/digfs"
+cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DDIGFS_TESTS=OFF >/dev/null
+cmake --build build-release -j "$(nproc)"
 
 if [ ! -d "$mountpoint" ] && ! is_mounted "$mountpoint"; then
     say "creating $mountpoint"
@@ -116,4 +116,4 @@ if [ ! -d "$mountpoint" ] && ! is_mounted "$mountpoint"; then
 fi
 
 say "mounting digfs at $mountpoint (foreground; Ctrl-C or 'fusermount3 -u $mountpoint' to stop)"
-exec build/digfs "$mountpoint" -f "$@"
+exec build-release/digfs "$mountpoint" -f "$@"

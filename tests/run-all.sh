@@ -2,8 +2,9 @@
 # The whole digfs test suite, from a fresh Debian 12 machine (run as root, or with sudo):
 #   1. installs the Debian packages that are missing (nothing is installed when all are present),
 #   2. makes sure /dev/fuse exists,
-#   3. builds two trees with warnings as errors: build/ (RelWithDebInfo) and build-asan/
-#      (AddressSanitizer + UndefinedBehaviorSanitizer, clang when installed),
+#   3. builds three trees with warnings as errors: build/ (RelWithDebInfo), build-asan/
+#      (AddressSanitizer + UndefinedBehaviorSanitizer, clang when installed) and, with clang,
+#      build-fuzz/ (the libFuzzer targets, each run for DIGFS_FUZZ_TIME seconds, default 15),
 #   4. runs ctest in each,
 #   5. checks the C sources against .clang-format (counted as one more test; with
 #      DIGFS_FORMAT_STRICT=0 a mismatch is only a warning),
@@ -12,8 +13,8 @@
 # Exits non-zero when a build, a test or the format check failed. Works from any directory.
 #
 # Environment: JOBS (build and ctest parallelism, default: 2), ASAN_CC (compiler of the
-# sanitizer tree), DIGFS_SKIP_INSTALL=1 (never call apt-get), DIGFS_ONLY=build|build-asan
-# (run one tree only).
+# sanitizer tree), DIGFS_SKIP_INSTALL=1 (never call apt-get),
+# DIGFS_ONLY=build|build-asan|build-fuzz (run one tree only), DIGFS_FUZZ_TIME (seconds).
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
@@ -167,6 +168,15 @@ if [ -z "$only" ] || [ "$only" = build-asan ]; then
     ensure_asan_mmap
     run_tree build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDIGFS_SANITIZE=ON \
         -DCMAKE_C_COMPILER="$ASAN_CC"
+fi
+if [ -z "$only" ] || [ "$only" = build-fuzz ]; then
+    if command -v clang >/dev/null; then
+        run_tree build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDIGFS_SANITIZE=ON \
+            -DDIGFS_FUZZ=ON -DDIGFS_TESTS=OFF -DCMAKE_C_COMPILER=clang \
+            -DDIGFS_FUZZ_TIME="${DIGFS_FUZZ_TIME:-15}"
+    else
+        summaries+=("--- build-fuzz: clang not installed, fuzz targets not run")
+    fi
 fi
 
 check_format
