@@ -990,11 +990,27 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         }
         return;
     }
-    struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
-    buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
-    buf.buf[0].fd = (int)fi->fh;
-    buf.buf[0].pos = off;
-    fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+    /* shared/: pread into this thread's buffer. (libfuse's fd buffers allocate 1 MiB per
+     * request, and its splice path measured slower still: bench/RESULTS.md.) */
+    char *buf = read_buffer(size);
+    size_t done = 0;
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    while (done < size) {
+        ssize_t r = pread((int)fi->fh, buf + done, size - done, off + (off_t)done);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            fuse_reply_err(req, errno);
+            return;
+        }
+        if (r == 0)
+            break;
+        done += (size_t)r;
+    }
+    fuse_reply_buf(req, buf, done);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,
@@ -1391,8 +1407,6 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
         conn->want |= FUSE_CAP_ASYNC_READ;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
         conn->want |= FUSE_CAP_PARALLEL_DIROPS;
-    if (conn->capable & FUSE_CAP_SPLICE_WRITE)
-        conn->want |= FUSE_CAP_SPLICE_WRITE;
     /* No writeback cache: every write reaches shared/ so that closing a file can hash it. */
     conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
     conn->max_readahead = 1u << 20;
