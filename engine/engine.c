@@ -128,6 +128,16 @@ struct dg_engine {
     struct idle_waiter *idle_waiters;
     int scanning;
     int shutting_down; /* the loop's own copy of stopping */
+
+    pthread_mutex_t open_lock; /* guards open_roots: roots with open content handles */
+    struct open_root *open_roots;
+};
+
+/* A root that content handles have open: never evicted while they do. */
+struct open_root {
+    uint8_t root[32];
+    unsigned count;
+    struct open_root *next;
 };
 
 struct dg_content {
@@ -144,6 +154,7 @@ struct dg_content {
 
 static void pump_hash_tasks(struct dg_engine *e);
 static void check_idle(struct dg_engine *e);
+static int enforce_cache_size(struct dg_engine *e, uint64_t limit);
 
 /* ---------------------------------------------------------------- setup */
 
@@ -197,6 +208,7 @@ int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
     if (e->cfg.read_timeout_ms == 0)
         e->cfg.read_timeout_ms = 60000;
     pthread_mutex_init(&e->queue_lock, NULL);
+    pthread_mutex_init(&e->open_lock, NULL);
     e->next_token = 1;
     e->data_dir = strdup(cfg->data_dir);
     e->cache_dir = strdup(cfg->cache_dir);
@@ -892,6 +904,14 @@ static void put_block(struct dg_engine *e, struct msg *m)
     char hex[DG_ROOT_HEX_LEN + 1];
     int rc = dg_piece_cache_put_block(e->cache, m->root, m->num, m->data, m->len);
 
+    if (rc == -ENOSPC) {
+        /* The disk is full: make room from the least recently used roots, then retry. */
+        uint64_t stored = 0;
+        if (dg_piece_cache_stored_bytes(e->cache, &stored) == 0 &&
+            enforce_cache_size(e, stored - stored / 10) == 0)
+            rc = dg_piece_cache_put_block(e->cache, m->root, m->num, m->data, m->len);
+    }
+
     if (rc < 0) {
         dg_root_format(m->root, hex);
         dg_log(DG_LOG_WARN, "engine", "block %llu of %s rejected: %s", (unsigned long long)m->num,
@@ -1046,6 +1066,34 @@ static void drain_queue(uv_async_t *async)
         check_idle(e);
 }
 
+static int root_in_use(void *arg, const uint8_t root[32])
+{
+    struct dg_engine *e = arg;
+    int used = 0;
+
+    pthread_mutex_lock(&e->open_lock);
+    for (struct open_root *o = e->open_roots; o && !used; o = o->next)
+        used = memcmp(o->root, root, 32) == 0;
+    pthread_mutex_unlock(&e->open_lock);
+    return used;
+}
+
+/* Keeps block storage under @p limit bytes (no limit when cache_size is 0). */
+static int enforce_cache_size(struct dg_engine *e, uint64_t limit)
+{
+    uint64_t freed = 0;
+    int rc;
+
+    if (e->cfg.cache_size == 0)
+        return 0;
+    rc = dg_piece_cache_evict(e->cache, limit, root_in_use, e, &freed);
+    if (rc < 0)
+        dg_log(DG_LOG_ERROR, "engine", "evicting from the cache: %s", strerror(-rc));
+    else if (freed)
+        dg_log(DG_LOG_DEBUG, "engine", "evicted %llu bytes", (unsigned long long)freed);
+    return rc;
+}
+
 static void flush_tick(uv_timer_t *timer)
 {
     struct dg_engine *e = timer->data;
@@ -1053,6 +1101,7 @@ static void flush_tick(uv_timer_t *timer)
 
     if (rc < 0)
         dg_log(DG_LOG_ERROR, "engine", "flushing the piece cache: %s", strerror(-rc));
+    enforce_cache_size(e, e->cfg.cache_size);
 }
 
 static void *engine_thread(void *arg)
@@ -1144,6 +1193,7 @@ void dg_engine_free(struct dg_engine *e)
     free(e->shared_dir);
     free(e->index_dir);
     pthread_mutex_destroy(&e->queue_lock);
+    pthread_mutex_destroy(&e->open_lock);
     free(e);
 }
 
@@ -1223,6 +1273,35 @@ static int try_shared_source(void *arg, const struct dg_shared_file *f)
     return 1;
 }
 
+/* Counts open content handles of @p root up (+1) or down (-1). @return 0 or -ENOMEM. */
+static int note_open_root(struct dg_engine *e, const uint8_t root[32], int delta)
+{
+    struct open_root **pp, *o;
+    int rc = 0;
+
+    pthread_mutex_lock(&e->open_lock);
+    for (pp = &e->open_roots; *pp; pp = &(*pp)->next)
+        if (memcmp((*pp)->root, root, 32) == 0)
+            break;
+    o = *pp;
+    if (delta > 0) {
+        if (!o && (o = calloc(1, sizeof(*o)))) {
+            memcpy(o->root, root, 32);
+            o->next = e->open_roots;
+            e->open_roots = o;
+        }
+        if (o)
+            o->count++;
+        else
+            rc = -ENOMEM;
+    } else if (o && --o->count == 0) {
+        *pp = o->next;
+        free(o);
+    }
+    pthread_mutex_unlock(&e->open_lock);
+    return rc;
+}
+
 int dg_engine_open(struct dg_engine *e, const uint8_t root[32], struct dg_content **out)
 {
     struct dg_root_info info;
@@ -1253,6 +1332,13 @@ int dg_engine_open(struct dg_engine *e, const uint8_t root[32], struct dg_conten
         /* Only shared copies, and none is usable: the root is not held any more. */
         free(c);
         return -ENOENT;
+    }
+    if (note_open_root(e, root, 1) < 0) {
+        if (c->fd >= 0)
+            close(c->fd);
+        free(c->path);
+        free(c);
+        return -ENOMEM;
     }
     dg_piece_cache_touch(e->cache, root);
     *out = c;
@@ -1317,6 +1403,7 @@ void dg_content_unref(struct dg_content *c)
 {
     if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
         return;
+    note_open_root(c->e, c->root, -1);
     if (c->fd >= 0)
         close(c->fd);
     free(c->path);

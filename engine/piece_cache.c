@@ -47,6 +47,8 @@ struct dg_piece_cache {
     pthread_mutex_t lock; /* guards pending and touched */
     struct pending_root *pending;
     struct touched_root *touched;
+    int64_t (*clock)(void *arg); /* unix seconds; injectable for tests */
+    void *clock_arg;
 };
 
 static int map_mdb_error(int rc)
@@ -79,8 +81,9 @@ static uint64_t get_be64(const uint8_t *p)
     return v;
 }
 
-static int64_t now_seconds(void)
+static int64_t system_seconds(void *arg)
 {
+    (void)arg;
     return (int64_t)time(NULL);
 }
 
@@ -94,6 +97,7 @@ int dg_piece_cache_open(const char *index_dir, const char *block_dir, struct dg_
     if (!c)
         return -ENOMEM;
     pthread_mutex_init(&c->lock, NULL);
+    c->clock = system_seconds;
     c->block_dir = strdup(block_dir);
     if (!c->block_dir) {
         rc = -ENOMEM;
@@ -640,7 +644,7 @@ ssize_t dg_piece_cache_read(struct dg_piece_cache *c, const uint8_t root[32], vo
 
 void dg_piece_cache_touch(struct dg_piece_cache *c, const uint8_t root[32])
 {
-    int64_t now = now_seconds();
+    int64_t now = c->clock(c->clock_arg);
 
     pthread_mutex_lock(&c->lock);
     for (struct touched_root *t = c->touched; t; t = t->next) {
@@ -769,7 +773,7 @@ int dg_piece_cache_shared_done(struct dg_piece_cache *c, const char *path, const
         memset(&rec, 0, sizeof(rec));
         rec.length = f->size;
         rec.piece_size = piece_size;
-        rec.last_access = now_seconds();
+        rec.last_access = c->clock(c->clock_arg);
         if ((rc = put_root(txn, c, root, &rec)) < 0)
             goto abort;
     } else if (rc < 0) {
@@ -948,7 +952,7 @@ int dg_piece_cache_add_root(struct dg_piece_cache *c, const uint8_t root[32], ui
     memset(&rec, 0, sizeof(rec));
     rec.length = length;
     rec.piece_size = dg_merkle_piece_size(length);
-    rec.last_access = now_seconds();
+    rec.last_access = c->clock(c->clock_arg);
     if ((rc = put_root(txn, c, root, &rec)) < 0)
         goto abort;
     if ((rc = map_mdb_error(mdb_put(txn, c->layers, &key, &val, 0))) < 0)
@@ -1274,5 +1278,160 @@ int dg_piece_cache_flush(struct dg_piece_cache *c)
         free(touched);
         touched = t;
     }
+    return rc;
+}
+
+void dg_piece_cache_set_clock(struct dg_piece_cache *c, int64_t (*clock)(void *arg), void *arg)
+{
+    c->clock = clock ? clock : system_seconds;
+    c->clock_arg = clock ? arg : NULL;
+}
+
+/* A root that only block storage holds, as an eviction candidate. */
+struct evict_candidate {
+    uint8_t root[32];
+    int64_t last_access;
+    uint64_t bytes;
+};
+
+static int by_last_access(const void *a, const void *b)
+{
+    const struct evict_candidate *x = a, *y = b;
+
+    if (x->last_access != y->last_access)
+        return x->last_access < y->last_access ? -1 : 1;
+    return memcmp(x->root, y->root, 32);
+}
+
+/* Bytes of block storage a record stands for (the last block may be short). */
+static uint64_t stored_bytes(const struct dg_root_record *rec)
+{
+    uint64_t bytes = rec->blocks_cached * DG_MERKLE_BLOCK_SIZE;
+
+    return bytes > rec->length ? rec->length : bytes;
+}
+
+int dg_piece_cache_stored_bytes(struct dg_piece_cache *c, uint64_t *out)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val key, val;
+    uint64_t total = 0;
+    int rc, mrc;
+
+    if ((rc = read_txn(c, &txn)) < 0)
+        return rc;
+    if ((rc = map_mdb_error(mdb_cursor_open(txn, c->roots, &cur))) == 0) {
+        for (mrc = mdb_cursor_get(cur, &key, &val, MDB_FIRST); mrc == 0;
+             mrc = mdb_cursor_get(cur, &key, &val, MDB_NEXT)) {
+            struct dg_root_record rec;
+            if (dg_root_record_decode(val.mv_data, val.mv_size, &rec) == 0)
+                total += stored_bytes(&rec);
+        }
+        mdb_cursor_close(cur);
+    }
+    mdb_txn_abort(txn);
+    *out = total;
+    return rc;
+}
+
+/* Removes @p root and its blocks from the index; the block file goes after the commit. */
+static int evict_root(struct dg_piece_cache *c, const uint8_t root[32])
+{
+    MDB_txn *txn;
+    MDB_val key = {32, (void *)root};
+    char path[4200];
+    int rc;
+
+    if ((rc = write_txn(c, &txn)) < 0)
+        return rc;
+    if (has_prefix(txn, c->root_files, root)) {
+        mdb_txn_abort(txn); /* became a shared file's root meanwhile */
+        return 0;
+    }
+    rc = map_mdb_error(mdb_del(txn, c->roots, &key, NULL));
+    if (rc == 0) {
+        int lrc = mdb_del(txn, c->layers, &key, NULL);
+        if (lrc != 0 && lrc != MDB_NOTFOUND)
+            rc = map_mdb_error(lrc);
+    }
+    if (rc == 0)
+        rc = delete_prefix(txn, c->leaves, root);
+    if (rc == 0)
+        rc = delete_prefix(txn, c->have, root);
+    if (rc < 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    if ((rc = commit(txn)) < 0)
+        return rc;
+    block_path(c, root, path, sizeof(path));
+    if (unlink(path) < 0 && errno != ENOENT)
+        dg_log(DG_LOG_WARN, "cache", "cannot remove %s: %s", path, strerror(errno));
+    return 0;
+}
+
+int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
+                         int (*in_use)(void *arg, const uint8_t root[32]), void *arg,
+                         uint64_t *freed)
+{
+    struct evict_candidate *cand = NULL;
+    size_t n = 0, cap = 0;
+    uint64_t total = 0;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val key, val;
+    int rc, mrc;
+
+    if (freed)
+        *freed = 0;
+    /* Counts must include every stored block: commit the pending ones first. */
+    if ((rc = dg_piece_cache_flush(c)) < 0)
+        return rc;
+    if ((rc = read_txn(c, &txn)) < 0)
+        return rc;
+    if ((rc = map_mdb_error(mdb_cursor_open(txn, c->roots, &cur))) < 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    for (mrc = mdb_cursor_get(cur, &key, &val, MDB_FIRST); mrc == 0 && rc == 0;
+         mrc = mdb_cursor_get(cur, &key, &val, MDB_NEXT)) {
+        struct dg_root_record rec;
+        if (key.mv_size != 32 || dg_root_record_decode(val.mv_data, val.mv_size, &rec) < 0)
+            continue;
+        total += stored_bytes(&rec);
+        if (rec.blocks_cached == 0 || (rec.flags & DG_ROOT_PINNED) ||
+            has_prefix(txn, c->root_files, key.mv_data))
+            continue;
+        if (n == cap) {
+            size_t ncap = cap ? 2 * cap : 64;
+            struct evict_candidate *nc = realloc(cand, ncap * sizeof(*nc));
+            if (!nc) {
+                rc = -ENOMEM;
+                break;
+            }
+            cand = nc;
+            cap = ncap;
+        }
+        memcpy(cand[n].root, key.mv_data, 32);
+        cand[n].last_access = rec.last_access;
+        cand[n].bytes = stored_bytes(&rec);
+        n++;
+    }
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    if (rc == 0 && total > limit) {
+        qsort(cand, n, sizeof(*cand), by_last_access);
+        for (size_t i = 0; i < n && total > limit && rc == 0; i++) {
+            if (in_use && in_use(arg, cand[i].root))
+                continue;
+            if ((rc = evict_root(c, cand[i].root)) == 0) {
+                total -= cand[i].bytes;
+                if (freed)
+                    *freed += cand[i].bytes;
+            }
+        }
+    }
+    free(cand);
     return rc;
 }

@@ -160,6 +160,25 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
  * then one LMDB commit of their bits and of last-access times. @return 0, -EIO, -ENOSPC. */
 int dg_piece_cache_flush(struct dg_piece_cache *c);
 
+/* Replaces the clock used for last-access times (unix seconds); NULL restores time().
+ * Call before any other thread uses the cache. */
+void dg_piece_cache_set_clock(struct dg_piece_cache *c, int64_t (*clock)(void *arg), void *arg);
+
+/* Bytes held in block storage, from the committed index (pending blocks are not counted).
+ * Any thread. @return 0 or -EIO. */
+int dg_piece_cache_stored_bytes(struct dg_piece_cache *c, uint64_t *out);
+
+/* Evicts whole roots from block storage, least recently used first, until it holds at most
+ * @p limit bytes. Never evicts a root that a shared file holds, a pinned root, or one for
+ * which @p in_use (may be NULL) returns non-zero: an open root is never pulled from under a
+ * reader. Each root goes in one LMDB commit (its blocks, leaves and layer), and its block file
+ * is deleted only after that commit, so a crash leaves either the whole entry or none.
+ * Flushes pending blocks first. @p freed (may be NULL) receives the bytes freed.
+ * @return 0 (also when nothing could be evicted), -EIO, -ENOMEM. Writer thread. */
+int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
+                         int (*in_use)(void *arg, const uint8_t root[32]), void *arg,
+                         uint64_t *freed);
+
 /* Notes that @p root was read now (written to the index by the next flush). Any thread. */
 void dg_piece_cache_touch(struct dg_piece_cache *c, const uint8_t root[32]);
 

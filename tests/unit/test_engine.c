@@ -517,6 +517,54 @@ static void test_cancel_before_read(void **state)
     free_content(ct);
 }
 
+/* With cache_size set, the engine's flush timer evicts roots nobody has open, and keeps the
+ * ones with an open content handle (a reader is never robbed of its blocks). */
+static void test_cache_size_evicts_unopened_roots(void **state)
+{
+    struct fixture *fx = *state;
+    struct content *kept = make_content(fx, 3 * BLOCK, 6);
+    struct content *gone = make_content(fx, 3 * BLOCK, 7);
+    struct dg_engine_config cfg = {
+        .data_dir = fx->data,
+        .cache_dir = fx->cache,
+        .cache_size = BLOCK, /* far less than either root */
+        .read_timeout_ms = LONG_TIMEOUT_MS,
+    };
+    struct dg_engine *e = NULL;
+    struct dg_content *c = NULL;
+    struct dg_root_info info;
+    uint8_t buf[3 * BLOCK];
+
+    assert_int_equal(dg_engine_new(&cfg, &e), 0);
+    struct dg_piece_cache *cache = dg_engine_cache(e);
+    assert_int_equal(
+        dg_piece_cache_add_root(cache, kept->root, kept->len, kept->layer, kept->layer_count), 0);
+    assert_int_equal(
+        dg_piece_cache_add_root(cache, gone->root, gone->len, gone->layer, gone->layer_count), 0);
+    assert_int_equal(dg_engine_start(e), 0);
+    assert_int_equal(dg_engine_open(e, kept->root, &c), 0);
+    for (uint64_t b = 0; b < 3; b++) {
+        put_block(e, kept, b);
+        put_block(e, gone, b);
+    }
+    wait_idle(e);
+    /* The flush timer runs about once a second: wait (with a generous deadline) for the
+     * unopened root to go. */
+    int evicted = 0;
+    for (int i = 0; i < 1200 && !evicted; i++) {
+        evicted = dg_engine_root_info(e, gone->root, &info) == -ENOENT;
+        if (!evicted)
+            usleep(100 * 1000);
+    }
+    assert_true(evicted);
+    assert_int_equal(dg_content_read(c, buf, sizeof(buf), 0), (ssize_t)kept->len);
+    assert_memory_equal(buf, kept->data, kept->len);
+    dg_content_unref(c);
+    dg_engine_free(e);
+    free_content(kept);
+    free_content(gone);
+}
+
 static void test_stop_with_waiting_read(void **state)
 {
     struct fixture *fx = *state;
@@ -873,6 +921,7 @@ int main(void)
         T(test_read_timeout),
         T(test_read_cancel),
         T(test_cancel_before_read),
+        T(test_cache_size_evicts_unopened_roots),
         T(test_stop_with_waiting_read),
         T(test_no_start),
         T(test_shared_files),
