@@ -81,6 +81,14 @@ struct hash_task {
     struct hash_task *next;
 };
 
+/* A shared file to hash again later: its result could not be recorded. */
+struct retry_path {
+    char *path;
+    struct retry_path *next;
+};
+
+#define RETRY_EVERY_TICKS 5 /* flush ticks (about a second each) between retries */
+
 /* A waiter for dg_engine_when_idle(). */
 struct idle_waiter {
     void (*fn)(void *arg);
@@ -122,6 +130,8 @@ struct dg_engine {
     /* loop thread only */
     struct hash_task *tasks;
     unsigned tasks_running;
+    struct retry_path *retries; /* hashed, but the index could not record it (disk full) */
+    unsigned ticks;
     struct waiter *waiters;
     uint64_t early_cancels[EARLY_CANCELS]; /* cancels that came before their read */
     unsigned early_cancel_next;
@@ -465,6 +475,22 @@ static void remove_task(struct dg_engine *e, struct hash_task *task)
     free(task);
 }
 
+static void remember_retry(struct dg_engine *e, const char *path)
+{
+    struct retry_path *r;
+
+    for (r = e->retries; r; r = r->next)
+        if (strcmp(r->path, path) == 0)
+            return;
+    r = calloc(1, sizeof(*r));
+    if (!r || !(r->path = strdup(path))) {
+        free(r);
+        return;
+    }
+    r->next = e->retries;
+    e->retries = r;
+}
+
 static int stat_shared(struct dg_engine *e, const char *relpath, struct stat *st)
 {
     char *full = join_path(e->shared_dir, relpath);
@@ -581,10 +607,11 @@ static void hash_done(uv_work_t *req, int status)
         int rc = dg_piece_cache_shared_done(e->cache, task->path, &task->hash.st, task->hash.root,
                                             task->hash.piece_size, task->hash.layer,
                                             task->hash.layer_count);
-        if (rc < 0)
-            dg_log(DG_LOG_ERROR, "engine", "index: cannot record the root of %s: %s", task->path,
-                   strerror(-rc));
-        else
+        if (rc < 0) {
+            dg_log(DG_LOG_ERROR, "engine", "index: cannot record the root of %s: %s; retrying",
+                   task->path, strerror(-rc));
+            remember_retry(e, task->path);
+        } else
             dg_log(DG_LOG_DEBUG, "engine", "hashed %s: %s", task->path, hex);
     } else {
         int err = task->status == -EAGAIN ? EBUSY : -task->status;
@@ -1102,6 +1129,17 @@ static void flush_tick(uv_timer_t *timer)
     if (rc < 0)
         dg_log(DG_LOG_ERROR, "engine", "flushing the piece cache: %s", strerror(-rc));
     enforce_cache_size(e, e->cfg.cache_size);
+    if (e->retries && ++e->ticks % RETRY_EVERY_TICKS == 0) {
+        struct retry_path *r = e->retries;
+        e->retries = NULL;
+        while (r) {
+            struct retry_path *next = r->next;
+            queue_hash(e, r->path); /* fails again into the list while the disk is full */
+            free(r->path);
+            free(r);
+            r = next;
+        }
+    }
 }
 
 static void *engine_thread(void *arg)
@@ -1166,6 +1204,12 @@ void dg_engine_stop(struct dg_engine *e)
     /* Tasks whose jobs never started were not freed by the loop. */
     while (e->tasks)
         remove_task(e, e->tasks);
+    while (e->retries) {
+        struct retry_path *r = e->retries;
+        e->retries = r->next;
+        free(r->path);
+        free(r);
+    }
     uv_loop_close(&e->loop);
     dg_piece_cache_flush(e->cache);
 }
