@@ -49,7 +49,8 @@ done
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
-packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev)
+packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev
+          libcjson-dev)
 
 say() { printf '==> %s\n' "$*"; }
 

@@ -12,14 +12,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
+#include "engine/control.h"
 #include "engine/fsutil.h"
 #include "engine/hash_file.h"
 #include "engine/log.h"
 #include "engine/merkle.h"
 #include "engine/root_name.h"
+#include "engine/status.h"
 
 #define FLUSH_INTERVAL_MS 1000
 #define HASH_RETRIES 3       /* a file that keeps changing while read is marked failed */
@@ -141,6 +144,10 @@ struct dg_engine {
 
     pthread_mutex_t open_lock; /* guards open_roots: roots with open content handles */
     struct open_root *open_roots;
+
+    struct dg_control *control; /* the control socket, or NULL */
+    char *control_path;
+    int64_t started_at;
 };
 
 /* A root that content handles have open: never evicted while they do. */
@@ -1053,6 +1060,8 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
 static void shut_down(struct dg_engine *e)
 {
     e->shutting_down = 1;
+    dg_control_stop(e->control);
+    e->control = NULL;
     while (e->waiters)
         waiter_finish(e->waiters, -ESHUTDOWN, NULL);
     while (e->idle_waiters) {
@@ -1150,6 +1159,108 @@ static void *engine_thread(void *arg)
     return NULL;
 }
 
+static int count_shared(void *arg, const struct dg_shared_file *f)
+{
+    struct dg_status *s = arg;
+
+    s->shared_files++;
+    s->shared_hashed += f->state == DG_SHARED_HASHED;
+    s->shared_failed += f->state == DG_SHARED_FAILED;
+    return 0;
+}
+
+/* Takes a status snapshot. Loop thread (it reads the loop's task and waiter lists). */
+static int collect_status(struct dg_engine *e, struct dg_status *s)
+{
+    uint8_t roots[32 * 256];
+    const uint8_t *after = NULL;
+    uint8_t last[32];
+    size_t n;
+
+    memset(s, 0, sizeof(*s));
+    s->version = DIGFS_VERSION;
+    s->data_dir = e->data_dir;
+    s->cache_dir = e->cache_dir;
+    s->uptime_s = (int64_t)time(NULL) - e->started_at;
+    s->cache_limit = e->cfg.cache_size;
+    dg_piece_cache_shared_each(e->cache, count_shared, s);
+    for (struct hash_task *t = e->tasks; t; t = t->next)
+        s->hash_queue++;
+    for (struct waiter *w = e->waiters; w; w = w->next)
+        s->reads_waiting++;
+    do {
+        if (dg_piece_cache_list_roots(e->cache, after, roots, 256, &n) < 0)
+            break;
+        s->roots_held += n;
+        if (n > 0) {
+            memcpy(last, roots + 32 * (n - 1), 32);
+            after = last;
+        }
+    } while (n == 256);
+    dg_piece_cache_stored_bytes(e->cache, &s->cache_bytes);
+
+    pthread_mutex_lock(&e->open_lock);
+    for (struct open_root *o = e->open_roots; o; o = o->next)
+        s->open_count++;
+    s->open = calloc(s->open_count ? s->open_count : 1, sizeof(*s->open));
+    size_t i = 0;
+    for (struct open_root *o = e->open_roots; o && s->open && i < s->open_count; o = o->next) {
+        memcpy(s->open[i].root, o->root, 32);
+        s->open[i].readers = o->count;
+        i++;
+    }
+    pthread_mutex_unlock(&e->open_lock);
+    if (!s->open) {
+        s->open_count = 0;
+        return -ENOMEM;
+    }
+    for (i = 0; i < s->open_count; i++) {
+        struct dg_root_info info;
+        if (dg_piece_cache_root_info(e->cache, s->open[i].root, &info) < 0)
+            continue;
+        s->open[i].length = info.length;
+        s->open[i].blocks_total = info.blocks_total;
+        s->open[i].blocks_held = info.shared_files ? info.blocks_total : info.blocks_cached;
+    }
+    return 0;
+}
+
+static char *control_request(void *arg, const char *request)
+{
+    struct dg_engine *e = arg;
+    struct dg_status s;
+    char *json;
+
+    if (strcmp(request, "status") != 0)
+        return NULL;
+    collect_status(e, &s);
+    json = dg_status_to_json(&s);
+    dg_status_clear(&s);
+    return json;
+}
+
+/* Serves the control socket in the data directory (best effort: digfs works without it). */
+static void start_control(struct dg_engine *e)
+{
+    int rc;
+
+    e->control_path = join_path(e->data_dir, "control.sock");
+    if (!e->control_path)
+        return;
+    rc = dg_control_start(&e->loop, e->control_path, control_request, e, &e->control);
+    if (rc < 0) {
+        dg_log(DG_LOG_WARN, "engine", "no control socket at %s: %s", e->control_path,
+               strerror(-rc));
+        free(e->control_path);
+        e->control_path = NULL;
+    }
+}
+
+const char *dg_engine_control_path(const struct dg_engine *e)
+{
+    return e->control_path;
+}
+
 int dg_engine_start(struct dg_engine *e)
 {
     struct scan_result *scan;
@@ -1172,6 +1283,8 @@ int dg_engine_start(struct dg_engine *e)
     scan->e = e;
     scan->work.data = scan;
     e->scanning = 1;
+    e->started_at = (int64_t)time(NULL);
+    start_control(e);
     /* Queued now, run by the pool once the loop thread is up. */
     rc = uv_queue_work(&e->loop, &scan->work, scan_work, scan_done);
     int queued = rc == 0;
@@ -1184,6 +1297,8 @@ int dg_engine_start(struct dg_engine *e)
     if (!queued)
         free(scan);
     e->shutting_down = 1;
+    dg_control_stop(e->control);
+    e->control = NULL;
     uv_close((uv_handle_t *)&e->wake, NULL);
     uv_close((uv_handle_t *)&e->flush_timer, NULL);
     uv_run(&e->loop, UV_RUN_DEFAULT); /* lets a queued scan finish and free itself */
@@ -1236,6 +1351,7 @@ void dg_engine_free(struct dg_engine *e)
     free(e->cache_dir);
     free(e->shared_dir);
     free(e->index_dir);
+    free(e->control_path);
     pthread_mutex_destroy(&e->queue_lock);
     pthread_mutex_destroy(&e->open_lock);
     free(e);

@@ -57,6 +57,10 @@ void dg_engine_free(struct dg_engine *e);
 /* Absolute path of the directory that backs shared/. Valid for the engine's lifetime. */
 const char *dg_engine_shared_dir(const struct dg_engine *e);
 
+/* Path of the control socket (`digfs status` talks to it), or NULL when there is none.
+ * Valid after dg_engine_start() until dg_engine_free(). */
+const char *dg_engine_control_path(const struct dg_engine *e);
+
 /* The piece cache, for queries and tests. Writes to it belong to the engine thread. */
 struct dg_piece_cache *dg_engine_cache(struct dg_engine *e);
 

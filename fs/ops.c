@@ -27,6 +27,7 @@
 
 #define XATTR_ROOT "user.digfs.root"
 #define XATTR_BLOCKS "user.digfs.blocks"
+#define XATTR_CONTROL "user.digfs.control" /* on the mount point: the control socket's path */
 #define HASHING_VALUE "hashing"
 
 /* How long the kernel may trust what we said. by-name entries are recomputed on every
@@ -1317,6 +1318,15 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
         fuse_reply_err(req, ESTALE);
         return;
     }
+    if (n->kind == DG_NODE_ROOT) {
+        const char *path = dg_engine_control_path(fs->engine);
+        if (strcmp(name, XATTR_CONTROL) != 0 || !path) {
+            fuse_reply_err(req, ENODATA);
+            return;
+        }
+        reply_xattr_value(req, path, size);
+        return;
+    }
     if (n->kind == DG_NODE_BYHASH_FILE) {
         struct dg_root_info info;
         if (strcmp(name, XATTR_ROOT) == 0) {
@@ -1361,10 +1371,14 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
     struct dg_node *n = node_of(req, ino);
     static const char byhash[] = XATTR_ROOT "\0" XATTR_BLOCKS;
     static const char shared[] = XATTR_ROOT;
+    static const char top[] = XATTR_CONTROL;
     const char *list = "";
     size_t len = 0;
 
-    if (n && n->kind == DG_NODE_BYHASH_FILE) {
+    if (n && n->kind == DG_NODE_ROOT && dg_engine_control_path(fs_of(req)->engine)) {
+        list = top;
+        len = sizeof(top);
+    } else if (n && n->kind == DG_NODE_BYHASH_FILE) {
         list = byhash;
         len = sizeof(byhash);
     } else if (n && n->kind == DG_NODE_SHARED && !n->is_dir) {

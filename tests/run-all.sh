@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 repo=$(pwd)
 
-packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev
+packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev libcjson-dev
           libcmocka-dev python3 python3-libtorrent attr clang libclang-rt-14-dev clang-format)
 
 say() { printf '==> %s\n' "$*"; }

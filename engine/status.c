@@ -1,0 +1,66 @@
+#include "engine/status.h"
+
+#include <cjson/cJSON.h>
+#include <stdlib.h>
+
+#include "engine/root_name.h"
+
+static void add_u64(cJSON *obj, const char *key, uint64_t v)
+{
+    /* JSON numbers are doubles: exact up to 2^53, far beyond any count or size here. */
+    cJSON_AddNumberToObject(obj, key, (double)v);
+}
+
+char *dg_status_to_json(const struct dg_status *s)
+{
+    cJSON *root = cJSON_CreateObject(), *o, *open;
+    char hex[DG_ROOT_HEX_LEN + 1];
+    char *out = NULL;
+
+    if (!root)
+        return NULL;
+    cJSON_AddStringToObject(root, "version", s->version ? s->version : "");
+    add_u64(root, "uptime_s", s->uptime_s > 0 ? (uint64_t)s->uptime_s : 0);
+    cJSON_AddStringToObject(root, "data_dir", s->data_dir ? s->data_dir : "");
+    cJSON_AddStringToObject(root, "cache_dir", s->cache_dir ? s->cache_dir : "");
+    if ((o = cJSON_AddObjectToObject(root, "shared"))) {
+        add_u64(o, "files", s->shared_files);
+        add_u64(o, "hashed", s->shared_hashed);
+        add_u64(o, "failed", s->shared_failed);
+        add_u64(o, "hash_queue", s->hash_queue);
+    }
+    if ((o = cJSON_AddObjectToObject(root, "roots")))
+        add_u64(o, "held", s->roots_held);
+    if ((o = cJSON_AddObjectToObject(root, "cache"))) {
+        add_u64(o, "bytes", s->cache_bytes);
+        add_u64(o, "limit", s->cache_limit);
+    }
+    if ((o = cJSON_AddObjectToObject(root, "reads")))
+        add_u64(o, "waiting", s->reads_waiting);
+    if ((open = cJSON_AddArrayToObject(root, "open"))) {
+        for (size_t i = 0; i < s->open_count; i++) {
+            const struct dg_status_root *r = &s->open[i];
+            cJSON *e = cJSON_CreateObject();
+            if (!e)
+                break;
+            dg_root_format(r->root, hex);
+            cJSON_AddStringToObject(e, "root", hex);
+            add_u64(e, "length", r->length);
+            add_u64(e, "blocks_held", r->blocks_held);
+            add_u64(e, "blocks_total", r->blocks_total);
+            add_u64(e, "readers", r->readers);
+            cJSON_AddItemToArray(open, e);
+        }
+    }
+    cJSON_AddNullToObject(root, "network");
+    out = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    return out;
+}
+
+void dg_status_clear(struct dg_status *s)
+{
+    free(s->open);
+    s->open = NULL;
+    s->open_count = 0;
+}

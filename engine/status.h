@@ -1,0 +1,46 @@
+/* A snapshot of what a digfs node is doing, and its JSON form (served on the control socket,
+ * read by `digfs status`).
+ *
+ * Thread safety: reentrant; a snapshot is plain data. */
+#ifndef DG_STATUS_H
+#define DG_STATUS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* One root that readers have open. */
+struct dg_status_root {
+    uint8_t root[32];
+    uint64_t length;
+    uint64_t blocks_held;
+    uint64_t blocks_total;
+    unsigned readers; /* open content handles */
+};
+
+struct dg_status {
+    const char *version;
+    const char *data_dir;
+    const char *cache_dir;
+    int64_t uptime_s;
+    uint64_t shared_files; /* files recorded under shared/ */
+    uint64_t shared_hashed;
+    uint64_t shared_failed;
+    uint64_t hash_queue;    /* files waiting to be hashed or being hashed */
+    uint64_t roots_held;    /* roots listed in by-hash/ */
+    uint64_t cache_bytes;   /* block storage in use */
+    uint64_t cache_limit;   /* 0: unlimited */
+    uint64_t reads_waiting; /* reads waiting for blocks */
+    size_t open_count;
+    struct dg_status_root *open; /* open_count entries, owned by the snapshot */
+};
+
+/* The JSON object for @p s, NUL-terminated, malloc'd (free() it); NULL when out of memory.
+ * Keys: version, uptime_s, data_dir, cache_dir, shared {files, hashed, failed, hash_queue},
+ * roots {held}, cache {bytes, limit}, reads {waiting}, open [{root, length, blocks_held,
+ * blocks_total, readers}], network (null until the swarm exists). */
+char *dg_status_to_json(const struct dg_status *s);
+
+/* Frees what a snapshot owns (the open array). */
+void dg_status_clear(struct dg_status *s);
+
+#endif

@@ -1,0 +1,235 @@
+#include "mount/status_cmd.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#define MAX_REPLY (4u << 20)
+#define BAR_WIDTH 24
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: digfs status [--json] [MOUNTPOINT]\n"
+               "Shows what the digfs mounted at MOUNTPOINT is doing (default: the only digfs\n"
+               "mount). --json prints the machine-readable form.\n");
+}
+
+/* The mount point of the only digfs mount, from /proc/self/mountinfo. */
+static int find_mount(char *out, size_t size)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "r");
+    char line[8192], mnt[4096];
+    int found = 0;
+
+    if (!f)
+        return -errno;
+    while (fgets(line, sizeof(line), f)) {
+        const char *sep = strstr(line, " - ");
+        char fstype[64];
+        if (!sep || sscanf(sep + 3, "%63s", fstype) != 1 || strcmp(fstype, "fuse.digfs") != 0)
+            continue;
+        if (sscanf(line, "%*u %*u %*s %*s %4095s", mnt) != 1)
+            continue;
+        found++;
+        snprintf(out, size, "%s", mnt);
+    }
+    fclose(f);
+    return found == 1 ? 0 : found == 0 ? -ENOENT : -EEXIST;
+}
+
+/* Sends "status" to the control socket at @p path; the reply (malloc'd) in @p out. */
+static int ask(const char *path, char **out)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct timeval tv = {10, 0};
+    size_t len = 0, cap = 65536;
+    char *buf;
+    int fd, rc = 0;
+
+    if (strlen(path) >= sizeof(sa.sun_path))
+        return -ENAMETOOLONG;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || write(fd, "status\n", 7) != 7) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
+    buf = malloc(cap);
+    while (buf) {
+        ssize_t n = read(fd, buf + len, cap - len - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = -errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        len += (size_t)n;
+        if (len + 1 == cap) {
+            char *nb = cap < MAX_REPLY ? realloc(buf, cap * 2) : NULL;
+            if (!nb) {
+                rc = -EMSGSIZE;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    close(fd);
+    if (!buf)
+        return -ENOMEM;
+    if (rc < 0) {
+        free(buf);
+        return rc;
+    }
+    buf[len] = '\0';
+    *out = buf;
+    return 0;
+}
+
+static double num(const cJSON *obj, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+static const char *str(const cJSON *obj, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+
+    return cJSON_IsString(v) && v->valuestring ? v->valuestring : "?";
+}
+
+static void human_size(double bytes, char *out, size_t size)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    unsigned u = 0;
+
+    while (bytes >= 1024 && u + 1 < sizeof(units) / sizeof(units[0])) {
+        bytes /= 1024;
+        u++;
+    }
+    snprintf(out, size, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+}
+
+static void bar(double part, double whole, char out[BAR_WIDTH + 16])
+{
+    double frac = whole > 0 ? part / whole : 0;
+    int fill;
+
+    if (frac > 1)
+        frac = 1;
+    fill = (int)(frac * BAR_WIDTH + 0.5);
+    out[0] = '[';
+    for (int i = 0; i < BAR_WIDTH; i++)
+        out[1 + i] = i < fill ? '#' : '-';
+    snprintf(out + 1 + BAR_WIDTH, 16, "] %3.0f%%", frac * 100);
+}
+
+static void render(const cJSON *s, const char *mnt)
+{
+    const cJSON *shared = cJSON_GetObjectItemCaseSensitive(s, "shared");
+    const cJSON *cache = cJSON_GetObjectItemCaseSensitive(s, "cache");
+    const cJSON *open = cJSON_GetObjectItemCaseSensitive(s, "open");
+    const cJSON *item;
+    char a[32], b[32], gauge[BAR_WIDTH + 16];
+    long long up = (long long)num(s, "uptime_s");
+
+    printf("digfs %s at %s, up %lldh %02lldm\n", str(s, "version"), mnt, up / 3600, up % 3600 / 60);
+    printf("  data     %s\n", str(s, "data_dir"));
+    printf("  shared   %.0f files (%.0f hashed, %.0f failed), %.0f to hash\n", num(shared, "files"),
+           num(shared, "hashed"), num(shared, "failed"), num(shared, "hash_queue"));
+    printf("  by-hash  %.0f roots held\n",
+           num(cJSON_GetObjectItemCaseSensitive(s, "roots"), "held"));
+    human_size(num(cache, "bytes"), a, sizeof(a));
+    if (num(cache, "limit") > 0) {
+        human_size(num(cache, "limit"), b, sizeof(b));
+        bar(num(cache, "bytes"), num(cache, "limit"), gauge);
+        printf("  cache    %s of %s  %s\n", a, b, gauge);
+    } else {
+        printf("  cache    %s (no limit)\n", a);
+    }
+    printf("  reads    %.0f waiting for data\n",
+           num(cJSON_GetObjectItemCaseSensitive(s, "reads"), "waiting"));
+    cJSON_ArrayForEach(item, open)
+    {
+        human_size(num(item, "length"), a, sizeof(a));
+        bar(num(item, "blocks_held"), num(item, "blocks_total"), gauge);
+        printf("  open     %.12s…  %10s  %s  %.0f reader(s)\n", str(item, "root"), a, gauge,
+               num(item, "readers"));
+    }
+    if (cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(s, "network")))
+        printf("  network  none yet: this version serves what this machine holds\n");
+}
+
+int dg_status_cmd_main(int argc, char **argv)
+{
+    const char *mnt = NULL;
+    char found[4096], sock[4096], *reply = NULL;
+    int json = 0, rc;
+    ssize_t n;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+        } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (argv[i][0] == '-' || mnt) {
+            usage(stderr);
+            return 2;
+        } else {
+            mnt = argv[i];
+        }
+    }
+    if (!mnt) {
+        rc = find_mount(found, sizeof(found));
+        if (rc < 0) {
+            fprintf(stderr, "digfs status: %s; name the mount point\n",
+                    rc == -EEXIST ? "there are several digfs mounts" : "no digfs mount found");
+            return 1;
+        }
+        mnt = found;
+    }
+    n = getxattr(mnt, "user.digfs.control", sock, sizeof(sock) - 1);
+    if (n < 0) {
+        fprintf(stderr, "digfs status: %s: %s\n", mnt,
+                errno == ENODATA || errno == ENOTSUP ? "not a digfs mount (or no control socket)"
+                                                     : strerror(errno));
+        return 1;
+    }
+    sock[n] = '\0';
+    if ((rc = ask(sock, &reply)) < 0) {
+        fprintf(stderr, "digfs status: %s: %s\n", sock, strerror(-rc));
+        return 1;
+    }
+    if (json) {
+        fputs(reply, stdout);
+        free(reply);
+        return 0;
+    }
+    cJSON *s = cJSON_Parse(reply);
+    free(reply);
+    if (!cJSON_IsObject(s)) {
+        cJSON_Delete(s);
+        fprintf(stderr, "digfs status: the daemon's answer is not a status\n");
+        return 1;
+    }
+    render(s, mnt);
+    cJSON_Delete(s);
+    return 0;
+}
