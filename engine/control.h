@@ -1,6 +1,7 @@
 /* The control socket: a Unix stream socket, owner-only (mode 0600), served on the engine's
  * loop. A client writes one request line (at most 255 bytes, ending in '\n') and reads one
- * reply (ending in '\n'); then the server closes the connection. Requests: "status".
+ * reply (ending in '\n'); then the server closes the connection. Requests: "status",
+ * "pin <root>", "unpin <root>".
  *
  * Thread safety: every function runs on the thread of @p loop. */
 #ifndef DG_CONTROL_H

@@ -1225,12 +1225,33 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
     return 0;
 }
 
+/* "pin <root>" / "unpin <root>": the reply is {"ok":true} or {"error":"..."}. */
+static char *pin_request(struct dg_engine *e, const char *hex, int pinned)
+{
+    uint8_t root[32];
+    char reply[128];
+    int rc;
+
+    if (dg_root_parse(hex, strlen(hex), root) < 0)
+        return strdup("{\"error\":\"not a root\"}");
+    rc = dg_piece_cache_set_pinned(e->cache, root, pinned);
+    if (rc == 0)
+        return strdup("{\"ok\":true}");
+    snprintf(reply, sizeof(reply), "{\"error\":\"%s\"}",
+             rc == -ENOENT ? "unknown root" : strerror(-rc));
+    return strdup(reply);
+}
+
 static char *control_request(void *arg, const char *request)
 {
     struct dg_engine *e = arg;
     struct dg_status s;
     char *json;
 
+    if (strncmp(request, "pin ", 4) == 0)
+        return pin_request(e, request + 4, 1);
+    if (strncmp(request, "unpin ", 6) == 0)
+        return pin_request(e, request + 6, 0);
     if (strcmp(request, "status") != 0)
         return NULL;
     collect_status(e, &s);

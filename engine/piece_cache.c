@@ -1435,3 +1435,27 @@ int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
     free(cand);
     return rc;
 }
+
+int dg_piece_cache_set_pinned(struct dg_piece_cache *c, const uint8_t root[32], int pinned)
+{
+    struct dg_root_record rec;
+    MDB_txn *txn;
+    int rc;
+
+    if ((rc = write_txn(c, &txn)) < 0)
+        return rc;
+    if ((rc = get_root(txn, c, root, &rec)) == 0) {
+        if (pinned)
+            rec.flags |= DG_ROOT_PINNED;
+        else
+            rec.flags &= ~DG_ROOT_PINNED;
+        rc = put_root(txn, c, root, &rec);
+    }
+    if (rc == 0 && !pinned)
+        rc = drop_root_if_unheld(c, txn, root); /* pinned metadata alone kept it */
+    if (rc < 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    return commit(txn);
+}

@@ -160,6 +160,10 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
  * then one LMDB commit of their bits and of last-access times. @return 0, -EIO, -ENOSPC. */
 int dg_piece_cache_flush(struct dg_piece_cache *c);
 
+/* Pins or unpins @p root: a pinned root is never evicted (and, with the swarm, is fetched
+ * completely). @return 0, -ENOENT (unknown root), -EIO. Writer thread. */
+int dg_piece_cache_set_pinned(struct dg_piece_cache *c, const uint8_t root[32], int pinned);
+
 /* Replaces the clock used for last-access times (unix seconds); NULL restores time().
  * Call before any other thread uses the cache. */
 void dg_piece_cache_set_clock(struct dg_piece_cache *c, int64_t (*clock)(void *arg), void *arg);

@@ -27,6 +27,7 @@
 
 #define XATTR_ROOT "user.digfs.root"
 #define XATTR_BLOCKS "user.digfs.blocks"
+#define XATTR_PINNED "user.digfs.pinned"
 #define XATTR_CONTROL "user.digfs.control" /* on the mount point: the control socket's path */
 #define HASHING_VALUE "hashing"
 
@@ -1336,6 +1337,9 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
             uint64_t held = info.shared_files ? info.blocks_total : info.blocks_cached;
             snprintf(value, sizeof(value), "%llu %llu", (unsigned long long)held,
                      (unsigned long long)info.blocks_total);
+        } else if (strcmp(name, XATTR_PINNED) == 0 &&
+                   dg_engine_root_info(fs->engine, n->root, &info) == 0) {
+            snprintf(value, sizeof(value), "%d", (info.flags & DG_ROOT_PINNED) ? 1 : 0);
         } else {
             fuse_reply_err(req, ENODATA);
             return;
@@ -1369,7 +1373,7 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     struct dg_node *n = node_of(req, ino);
-    static const char byhash[] = XATTR_ROOT "\0" XATTR_BLOCKS;
+    static const char byhash[] = XATTR_ROOT "\0" XATTR_BLOCKS "\0" XATTR_PINNED;
     static const char shared[] = XATTR_ROOT;
     static const char top[] = XATTR_CONTROL;
     const char *list = "";

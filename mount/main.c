@@ -13,6 +13,7 @@
 #include "mount/hash_cmd.h"
 #include "mount/mountpoint.h"
 #include "mount/options.h"
+#include "mount/pin_cmd.h"
 #include "mount/status_cmd.h"
 
 #define READAHEAD_KB 1024
@@ -133,6 +134,8 @@ int main(int argc, char **argv)
         return dg_hash_cmd_main(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "status") == 0)
         return dg_status_cmd_main(argc - 1, argv + 1);
+    if (argc >= 2 && (strcmp(argv[1], "pin") == 0 || strcmp(argv[1], "unpin") == 0))
+        return dg_pin_cmd_main(argc - 1, argv + 1);
 
     if (dg_options_parse(argc, argv, &o, err, sizeof(err)) < 0) {
         fprintf(stderr, "digfs: %s\nTry 'digfs --help' for more information.\n", err);

@@ -308,6 +308,7 @@ void dg_options_usage(FILE *f, const char *prog)
             "usage: %s MOUNTPOINT [-f] [-d] [-s] [-o opt[,opt...]]\n"
             "       %s hash FILE...\n"
             "       %s status [--json] [MOUNTPOINT]\n"
+            "       %s pin|unpin FILE...\n"
             "\n"
             "Mounts the digfs swarm at MOUNTPOINT:\n"
             "  shared/    files put here are hashed and shared\n"
@@ -331,5 +332,5 @@ void dg_options_usage(FILE *f, const char *prog)
             "  -o log_level=LEVEL     error, warn, info (default) or debug\n"
             "  -o FUSE_OPTION         any libfuse mount option, e.g. allow_other\n"
             "                         (default_permissions is always on)\n",
-            prog, prog, prog);
+            prog, prog, prog, prog);
 }

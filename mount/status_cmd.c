@@ -1,5 +1,7 @@
 #include "mount/status_cmd.h"
 
+#include "mount/control_client.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <stdio.h>
@@ -11,7 +13,6 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define MAX_REPLY (4u << 20)
 #define BAR_WIDTH 24
 
 static void usage(FILE *f)
@@ -19,85 +20,6 @@ static void usage(FILE *f)
     fprintf(f, "usage: digfs status [--json] [MOUNTPOINT]\n"
                "Shows what the digfs mounted at MOUNTPOINT is doing (default: the only digfs\n"
                "mount). --json prints the machine-readable form.\n");
-}
-
-/* The mount point of the only digfs mount, from /proc/self/mountinfo. */
-static int find_mount(char *out, size_t size)
-{
-    FILE *f = fopen("/proc/self/mountinfo", "r");
-    char line[8192], mnt[4096];
-    int found = 0;
-
-    if (!f)
-        return -errno;
-    while (fgets(line, sizeof(line), f)) {
-        const char *sep = strstr(line, " - ");
-        char fstype[64];
-        if (!sep || sscanf(sep + 3, "%63s", fstype) != 1 || strcmp(fstype, "fuse.digfs") != 0)
-            continue;
-        if (sscanf(line, "%*u %*u %*s %*s %4095s", mnt) != 1)
-            continue;
-        found++;
-        snprintf(out, size, "%s", mnt);
-    }
-    fclose(f);
-    return found == 1 ? 0 : found == 0 ? -ENOENT : -EEXIST;
-}
-
-/* Sends "status" to the control socket at @p path; the reply (malloc'd) in @p out. */
-static int ask(const char *path, char **out)
-{
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    struct timeval tv = {10, 0};
-    size_t len = 0, cap = 65536;
-    char *buf;
-    int fd, rc = 0;
-
-    if (strlen(path) >= sizeof(sa.sun_path))
-        return -ENAMETOOLONG;
-    memcpy(sa.sun_path, path, strlen(path) + 1);
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || write(fd, "status\n", 7) != 7) {
-        rc = -errno;
-        close(fd);
-        return rc;
-    }
-    buf = malloc(cap);
-    while (buf) {
-        ssize_t n = read(fd, buf + len, cap - len - 1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            rc = -errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        len += (size_t)n;
-        if (len + 1 == cap) {
-            char *nb = cap < MAX_REPLY ? realloc(buf, cap * 2) : NULL;
-            if (!nb) {
-                rc = -EMSGSIZE;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-    }
-    close(fd);
-    if (!buf)
-        return -ENOMEM;
-    if (rc < 0) {
-        free(buf);
-        return rc;
-    }
-    buf[len] = '\0';
-    *out = buf;
-    return 0;
 }
 
 static double num(const cJSON *obj, const char *key)
@@ -181,7 +103,6 @@ int dg_status_cmd_main(int argc, char **argv)
     const char *mnt = NULL;
     char found[4096], sock[4096], *reply = NULL;
     int json = 0, rc;
-    ssize_t n;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0) {
@@ -197,7 +118,7 @@ int dg_status_cmd_main(int argc, char **argv)
         }
     }
     if (!mnt) {
-        rc = find_mount(found, sizeof(found));
+        rc = dg_control_find_mount(found, sizeof(found));
         if (rc < 0) {
             fprintf(stderr, "digfs status: %s; name the mount point\n",
                     rc == -EEXIST ? "there are several digfs mounts" : "no digfs mount found");
@@ -205,15 +126,12 @@ int dg_status_cmd_main(int argc, char **argv)
         }
         mnt = found;
     }
-    n = getxattr(mnt, "user.digfs.control", sock, sizeof(sock) - 1);
-    if (n < 0) {
+    if ((rc = dg_control_socket_of(mnt, sock, sizeof(sock))) < 0) {
         fprintf(stderr, "digfs status: %s: %s\n", mnt,
-                errno == ENODATA || errno == ENOTSUP ? "not a digfs mount (or no control socket)"
-                                                     : strerror(errno));
+                rc == -ENODATA ? "not a digfs mount (or no control socket)" : strerror(-rc));
         return 1;
     }
-    sock[n] = '\0';
-    if ((rc = ask(sock, &reply)) < 0) {
+    if ((rc = dg_control_ask(sock, "status", &reply)) < 0) {
         fprintf(stderr, "digfs status: %s: %s\n", sock, strerror(-rc));
         return 1;
     }

@@ -70,6 +70,30 @@ def test_control_socket_is_owner_only_and_removed_at_unmount():
     check(not os.path.exists(path), "control socket left behind after unmount")
 
 
+def pin(cmd, path):
+    return subprocess.run([T.BIN, cmd, path], capture_output=True, text=True, timeout=60)
+
+
+def test_pin_and_unpin_survive_remount():
+    m = T.Mount("pin")
+    data = T.data_of(40000, 53)
+    root = T.share(m, "p.bin", data)
+    check_eq(os.getxattr(m.by_hash(root), "user.digfs.pinned"), b"0", "pinned before")
+    r = pin("pin", m.by_name("p.bin"))
+    check_eq(r.returncode, 0, f"digfs pin by-name/p.bin ({r.stderr})")
+    check_eq(os.getxattr(m.by_hash(root), "user.digfs.pinned"), b"1", "pinned after pin")
+    check_eq(m.unmount(), 0, "unmount")
+    m.start()
+    check_eq(os.getxattr(m.by_hash(root), "user.digfs.pinned"), b"1", "pinned after remount")
+    r = pin("unpin", m.shared("p.bin"))
+    check_eq(r.returncode, 0, f"digfs unpin shared/p.bin ({r.stderr})")
+    check_eq(os.getxattr(m.by_hash(root), "user.digfs.pinned"), b"0", "pinned after unpin")
+    check_eq(T.read_file(m.by_hash(root)), data, "bytes after unpin (a shared root stays)")
+    r = pin("pin", "/etc/hostname")
+    check(r.returncode == 1 and "not a file of a digfs mount" in r.stderr,
+          f"pin outside digfs: {r.returncode} {r.stderr}")
+
+
 def test_status_of_something_else_fails_clearly():
     r = status("/tmp")
     check(r.returncode == 1, f"exit status for a non-digfs path: {r.returncode}")

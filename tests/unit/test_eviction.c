@@ -227,6 +227,27 @@ static void test_limit_zero_keeps_roots_in_use_only(void **state)
     assert_false(held(fx, &fx->c[2]));
 }
 
+static void test_pinned_roots_are_kept(void **state)
+{
+    struct fixture *fx = *state;
+
+    assert_int_equal(dg_piece_cache_set_pinned(fx->cache, fx->c[0].root, 1), 0);
+    assert_int_equal(dg_piece_cache_evict(fx->cache, 0, NULL, NULL, NULL), 0);
+    assert_true(held(fx, &fx->c[0]));
+    assert_reads_back(fx, &fx->c[0]);
+    assert_false(held(fx, &fx->c[1]));
+    assert_false(held(fx, &fx->c[2]));
+    struct dg_root_info info;
+    assert_int_equal(dg_piece_cache_root_info(fx->cache, fx->c[0].root, &info), 0);
+    assert_true(info.flags & DG_ROOT_PINNED);
+    /* Unpinned, it is a candidate again. */
+    assert_int_equal(dg_piece_cache_set_pinned(fx->cache, fx->c[0].root, 0), 0);
+    assert_int_equal(dg_piece_cache_evict(fx->cache, 0, NULL, NULL, NULL), 0);
+    assert_false(held(fx, &fx->c[0]));
+    /* Unknown roots cannot be pinned. */
+    assert_int_equal(dg_piece_cache_set_pinned(fx->cache, fx->c[0].root, 1), -ENOENT);
+}
+
 static void test_eviction_survives_reopen(void **state)
 {
     struct fixture *fx = *state;
@@ -251,6 +272,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reading_refreshes_recency, setup, teardown),
         cmocka_unit_test_setup_teardown(test_roots_in_use_are_kept, setup, teardown),
         cmocka_unit_test_setup_teardown(test_limit_zero_keeps_roots_in_use_only, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pinned_roots_are_kept, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eviction_survives_reopen, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
