@@ -81,8 +81,15 @@ struct hash_task {
     /* result, filled on the pool thread */
     int status;
     struct dg_file_hash hash;
-    struct hash_task *next;
+    struct hash_task *next, *prev; /* every task */
+    struct hash_task *bucket_next; /* the path index */
+    struct hash_task *queue_next;  /* the FIFO of tasks waiting for a job slot */
+    int queued;
 };
+
+#define TASK_BUCKETS 4096
+#define BATCH_DELAY_MS 50 /* index updates are committed together within this */
+#define BATCH_MAX_OPS 512 /* ... or once this many are waiting */
 
 /* A shared file to hash again later: its result could not be recorded. */
 struct retry_path {
@@ -132,7 +139,12 @@ struct dg_engine {
 
     /* loop thread only */
     struct hash_task *tasks;
+    struct hash_task *task_bucket[TASK_BUCKETS];
+    struct hash_task *waiting_head, *waiting_tail; /* tasks waiting for a job slot */
     unsigned tasks_running;
+    uv_timer_t batch_timer; /* commits the piece cache's write batch */
+    int batch_open;
+    struct retry_path *batched; /* roots recorded in the open batch (redone if it fails) */
     struct retry_path *retries; /* hashed, but the index could not record it (disk full) */
     unsigned ticks;
     struct waiter *waiters;
@@ -172,6 +184,9 @@ struct dg_content {
 static void pump_hash_tasks(struct dg_engine *e);
 static void check_idle(struct dg_engine *e);
 static int enforce_cache_size(struct dg_engine *e, uint64_t limit);
+static void batch_open(struct dg_engine *e);
+static void batch_commit(struct dg_engine *e);
+static void remember_batched(struct dg_engine *e, const char *path);
 
 /* ---------------------------------------------------------------- setup */
 
@@ -461,22 +476,79 @@ void dg_engine_cancel(struct dg_engine *e, uint64_t token)
 
 /* ---------------------------------------------------------------- hashing */
 
+static size_t path_bucket(const char *path)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+
+    for (; *path; path++)
+        h = (h ^ (uint8_t)*path) * 1099511628211ull;
+    return (size_t)(h % TASK_BUCKETS);
+}
+
 static struct hash_task *find_task(struct dg_engine *e, const char *path)
 {
-    for (struct hash_task *t = e->tasks; t; t = t->next)
+    for (struct hash_task *t = e->task_bucket[path_bucket(path)]; t; t = t->bucket_next)
         if (strcmp(t->path, path) == 0)
             return t;
     return NULL;
 }
 
+static void index_task(struct dg_engine *e, struct hash_task *t)
+{
+    size_t b = path_bucket(t->path);
+
+    t->bucket_next = e->task_bucket[b];
+    e->task_bucket[b] = t;
+}
+
+static void unindex_task(struct dg_engine *e, struct hash_task *t)
+{
+    for (struct hash_task **pp = &e->task_bucket[path_bucket(t->path)]; *pp;
+         pp = &(*pp)->bucket_next) {
+        if (*pp == t) {
+            *pp = t->bucket_next;
+            return;
+        }
+    }
+}
+
+/* Puts @p t at the end of the queue of tasks waiting for a job slot. */
+static void enqueue_task(struct dg_engine *e, struct hash_task *t)
+{
+    if (t->queued || t->running)
+        return;
+    t->queued = 1;
+    t->queue_next = NULL;
+    if (e->waiting_tail)
+        e->waiting_tail->queue_next = t;
+    else
+        e->waiting_head = t;
+    e->waiting_tail = t;
+}
+
 static void remove_task(struct dg_engine *e, struct hash_task *task)
 {
-    for (struct hash_task **pp = &e->tasks; *pp; pp = &(*pp)->next) {
-        if (*pp == task) {
-            *pp = task->next;
+    if (task->queued) { /* only when stopping: the queue is short-lived then */
+        struct hash_task *prev = NULL;
+        for (struct hash_task *t = e->waiting_head; t; prev = t, t = t->queue_next) {
+            if (t != task)
+                continue;
+            if (prev)
+                prev->queue_next = t->queue_next;
+            else
+                e->waiting_head = t->queue_next;
+            if (e->waiting_tail == t)
+                e->waiting_tail = prev;
             break;
         }
     }
+    unindex_task(e, task);
+    if (task->prev)
+        task->prev->next = task->next;
+    else
+        e->tasks = task->next;
+    if (task->next)
+        task->next->prev = task->prev;
     dg_file_hash_clear(&task->hash);
     free(task->path);
     free(task);
@@ -496,6 +568,67 @@ static void remember_retry(struct dg_engine *e, const char *path)
     }
     r->next = e->retries;
     e->retries = r;
+}
+
+/* Notes a root recorded in the open batch, so that it is redone if the batch fails. */
+static void remember_batched(struct dg_engine *e, const char *path)
+{
+    struct retry_path *r;
+
+    if (!e->batch_open)
+        return;
+    r = calloc(1, sizeof(*r));
+    if (!r || !(r->path = strdup(path))) {
+        free(r);
+        return;
+    }
+    r->next = e->batched;
+    e->batched = r;
+}
+
+/* Commits the index updates made since batch_open(). Everything that others can observe
+ * (a reply to FUSE, an idle callback, a control answer) is preceded by this. */
+static void batch_commit(struct dg_engine *e)
+{
+    struct retry_path *r = e->batched;
+    int rc;
+
+    if (!e->batch_open)
+        return;
+    e->batch_open = 0;
+    e->batched = NULL;
+    uv_timer_stop(&e->batch_timer);
+    rc = dg_piece_cache_batch_commit(e->cache);
+    if (rc < 0)
+        dg_log(DG_LOG_ERROR, "engine", "index: a batch of updates was lost: %s; retrying",
+               strerror(-rc));
+    while (r) {
+        struct retry_path *next = r->next;
+        if (rc < 0)
+            remember_retry(e, r->path);
+        free(r->path);
+        free(r);
+        r = next;
+    }
+}
+
+static void batch_timer_cb(uv_timer_t *timer)
+{
+    batch_commit(timer->data);
+}
+
+/* Makes the following index updates part of one batch, committed within BATCH_DELAY_MS or
+ * at BATCH_MAX_OPS updates: one sync for many files instead of two each. */
+static void batch_open(struct dg_engine *e)
+{
+    if (e->batch_open && dg_piece_cache_batch_size(e->cache) >= BATCH_MAX_OPS)
+        batch_commit(e);
+    if (e->batch_open || e->shutting_down)
+        return;
+    if (dg_piece_cache_batch_begin(e->cache) < 0)
+        return; /* updates go one by one */
+    e->batch_open = 1;
+    uv_timer_start(&e->batch_timer, batch_timer_cb, BATCH_DELAY_MS, 0);
 }
 
 static int stat_shared(struct dg_engine *e, const char *relpath, struct stat *st)
@@ -540,7 +673,11 @@ static void queue_hash(struct dg_engine *e, const char *relpath)
     }
     task->e = e;
     task->next = e->tasks;
+    if (e->tasks)
+        e->tasks->prev = task;
     e->tasks = task;
+    index_task(e, task);
+    enqueue_task(e, task);
     pump_hash_tasks(e);
 }
 
@@ -590,12 +727,14 @@ static void hash_done(uv_work_t *req, int status)
         return;
     }
     int st_rc = stat_shared(e, task->path, &now);
+    batch_open(e);
     if (task->dirty) {
         /* Written again while we read it: start over. */
         task->dirty = 0;
         dg_file_hash_clear(&task->hash);
         if (st_rc == 0)
             dg_piece_cache_shared_begin(e->cache, task->path, &now);
+        enqueue_task(e, task);
         pump_hash_tasks(e);
         return;
     }
@@ -603,6 +742,7 @@ static void hash_done(uv_work_t *req, int status)
         task->status = -EAGAIN; /* changed after the last read, or replaced */
     if (task->status == -EAGAIN && st_rc == 0 && ++task->retries <= HASH_RETRIES) {
         dg_file_hash_clear(&task->hash);
+        enqueue_task(e, task);
         pump_hash_tasks(e);
         return;
     }
@@ -618,8 +758,10 @@ static void hash_done(uv_work_t *req, int status)
             dg_log(DG_LOG_ERROR, "engine", "index: cannot record the root of %s: %s; retrying",
                    task->path, strerror(-rc));
             remember_retry(e, task->path);
-        } else
+        } else {
             dg_log(DG_LOG_DEBUG, "engine", "hashed %s: %s", task->path, hex);
+            remember_batched(e, task->path);
+        }
     } else {
         int err = task->status == -EAGAIN ? EBUSY : -task->status;
         dg_log(DG_LOG_WARN, "engine", "cannot hash %s: %s", task->path, strerror(err));
@@ -634,9 +776,12 @@ static void pump_hash_tasks(struct dg_engine *e)
 {
     if (e->shutting_down)
         return;
-    for (struct hash_task *t = e->tasks; t && e->tasks_running < e->cfg.hash_jobs; t = t->next) {
-        if (t->running)
-            continue;
+    while (e->waiting_head && e->tasks_running < e->cfg.hash_jobs) {
+        struct hash_task *t = e->waiting_head;
+        e->waiting_head = t->queue_next;
+        if (!e->waiting_head)
+            e->waiting_tail = NULL;
+        t->queued = 0;
         t->running = 1;
         t->status = 0;
         t->work.data = t;
@@ -644,6 +789,7 @@ static void pump_hash_tasks(struct dg_engine *e)
         if (uv_queue_work(&e->loop, &t->work, hash_work, hash_done) < 0) {
             t->running = 0;
             e->tasks_running--;
+            enqueue_task(e, t);
             break;
         }
     }
@@ -767,6 +913,7 @@ static void scan_done(uv_work_t *req, int status)
     size_t rehash = 0;
 
     e->scanning = 0;
+    batch_open(e);
     if (status == 0 && r->status == 0 && f && !e->shutting_down) {
         inos = malloc((r->count ? r->count : 1) * sizeof(*inos));
         for (size_t i = 0; inos && i < r->count; i++)
@@ -966,6 +1113,8 @@ static void check_idle(struct dg_engine *e)
 {
     if (!engine_idle(e))
         return;
+    if (e->idle_waiters)
+        batch_commit(e);
     while (e->idle_waiters) {
         struct idle_waiter *w = e->idle_waiters;
         e->idle_waiters = w->next;
@@ -1001,8 +1150,10 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
         break;
     case MSG_REMOVED:
         dg_piece_cache_shared_remove(e->cache, m->num);
-        if (m->idle_fn)
+        if (m->idle_fn) {
+            batch_commit(e);
             m->idle_fn(m->arg);
+        }
         break;
     case MSG_RENAMED: {
         size_t from_len = strlen(m->path);
@@ -1019,15 +1170,19 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
                 continue;
             snprintf(np, strlen(m->path2) + len - from_len + 1, "%s%s", m->path2,
                      t->path + from_len);
+            unindex_task(e, t);
             free(t->path);
             t->path = np;
+            index_task(e, t);
         }
         /* A renamed file's ctime moved: refresh its snapshot. */
         if (stat_shared(e, m->path2, &st) == 0 &&
             dg_piece_cache_shared_restat(e->cache, m->path2, &st) == -ESTALE)
             queue_hash(e, m->path2);
-        if (m->idle_fn)
+        if (m->idle_fn) {
+            batch_commit(e); /* the rename is answered only once readers see it */
             m->idle_fn(m->arg);
+        }
         break;
     }
     case MSG_READ:
@@ -1038,6 +1193,7 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
         cancel_read(e, m->num);
         break;
     case MSG_PUT_BLOCK:
+        batch_commit(e); /* block bits are published by the cache's own commits */
         put_block(e, m);
         break;
     case MSG_IDLE: {
@@ -1059,7 +1215,9 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
  * finishes and is discarded), handles closed so that uv_run() returns. */
 static void shut_down(struct dg_engine *e)
 {
+    batch_commit(e);
     e->shutting_down = 1;
+    uv_close((uv_handle_t *)&e->batch_timer, NULL);
     dg_control_stop(e->control);
     e->control = NULL;
     while (e->waiters)
@@ -1090,6 +1248,8 @@ static void drain_queue(uv_async_t *async)
     e->queue_head = e->queue_tail = NULL;
     stopping = e->stopping;
     pthread_mutex_unlock(&e->queue_lock);
+    if (m)
+        batch_open(e);
     while (m) {
         struct msg *next = m->next;
         handle_msg(e, m);
@@ -1122,6 +1282,7 @@ static int enforce_cache_size(struct dg_engine *e, uint64_t limit)
 
     if (e->cfg.cache_size == 0)
         return 0;
+    batch_commit(e);
     rc = dg_piece_cache_evict(e->cache, limit, root_in_use, e, &freed);
     if (rc < 0)
         dg_log(DG_LOG_ERROR, "engine", "evicting from the cache: %s", strerror(-rc));
@@ -1133,7 +1294,10 @@ static int enforce_cache_size(struct dg_engine *e, uint64_t limit)
 static void flush_tick(uv_timer_t *timer)
 {
     struct dg_engine *e = timer->data;
-    int rc = dg_piece_cache_flush(e->cache);
+    int rc;
+
+    batch_commit(e);
+    rc = dg_piece_cache_flush(e->cache);
 
     if (rc < 0)
         dg_log(DG_LOG_ERROR, "engine", "flushing the piece cache: %s", strerror(-rc));
@@ -1248,6 +1412,7 @@ static char *control_request(void *arg, const char *request)
     struct dg_status s;
     char *json;
 
+    batch_commit(e); /* answers describe, and change, what readers see */
     if (strncmp(request, "pin ", 4) == 0)
         return pin_request(e, request + 4, 1);
     if (strncmp(request, "unpin ", 6) == 0)
@@ -1300,6 +1465,8 @@ int dg_engine_start(struct dg_engine *e)
     e->wake.data = e;
     uv_timer_init(&e->loop, &e->flush_timer);
     e->flush_timer.data = e;
+    uv_timer_init(&e->loop, &e->batch_timer);
+    e->batch_timer.data = e;
     uv_timer_start(&e->flush_timer, flush_tick, FLUSH_INTERVAL_MS, FLUSH_INTERVAL_MS);
     scan->e = e;
     scan->work.data = scan;
@@ -1322,6 +1489,7 @@ int dg_engine_start(struct dg_engine *e)
     e->control = NULL;
     uv_close((uv_handle_t *)&e->wake, NULL);
     uv_close((uv_handle_t *)&e->flush_timer, NULL);
+    uv_close((uv_handle_t *)&e->batch_timer, NULL);
     uv_run(&e->loop, UV_RUN_DEFAULT); /* lets a queued scan finish and free itself */
     uv_loop_close(&e->loop);
     return rc;

@@ -49,6 +49,8 @@ struct dg_piece_cache {
     struct touched_root *touched;
     int64_t (*clock)(void *arg); /* unix seconds; injectable for tests */
     void *clock_arg;
+    MDB_txn *batch; /* open write batch: writer functions nest their transactions in it */
+    unsigned batch_ops;
 };
 
 static int map_mdb_error(int rc)
@@ -146,6 +148,7 @@ void dg_piece_cache_close(struct dg_piece_cache *c)
 {
     if (!c)
         return;
+    dg_piece_cache_batch_commit(c);
     dg_piece_cache_flush(c);
     mdb_env_close(c->env);
     free(c->block_dir);
@@ -160,9 +163,12 @@ static int read_txn(struct dg_piece_cache *c, MDB_txn **txn)
     return map_mdb_error(mdb_txn_begin(c->env, NULL, MDB_RDONLY, txn));
 }
 
+/* A write transaction: a child of the open batch (committed with it) or a top-level one. */
 static int write_txn(struct dg_piece_cache *c, MDB_txn **txn)
 {
-    return map_mdb_error(mdb_txn_begin(c->env, NULL, 0, txn));
+    if (c->batch)
+        c->batch_ops++;
+    return map_mdb_error(mdb_txn_begin(c->env, c->batch, 0, txn));
 }
 
 static int commit(MDB_txn *txn)
@@ -1217,6 +1223,11 @@ int dg_piece_cache_flush(struct dg_piece_cache *c)
     MDB_txn *txn;
     int rc = 0;
 
+    /* Block bits are published by their own commit: readers must see them the moment the
+     * pending list is dropped, so no batch may hold them back. */
+    if ((rc = dg_piece_cache_batch_commit(c)) < 0)
+        return rc;
+
     pthread_mutex_lock(&c->lock);
     touched = c->touched;
     c->touched = NULL;
@@ -1385,6 +1396,9 @@ int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
 
     if (freed)
         *freed = 0;
+    /* A block file is deleted only after its entry left the index for good: no batch. */
+    if ((rc = dg_piece_cache_batch_commit(c)) < 0)
+        return rc;
     /* Counts must include every stored block: commit the pending ones first. */
     if ((rc = dg_piece_cache_flush(c)) < 0)
         return rc;
@@ -1458,4 +1472,28 @@ int dg_piece_cache_set_pinned(struct dg_piece_cache *c, const uint8_t root[32], 
         return rc;
     }
     return commit(txn);
+}
+
+int dg_piece_cache_batch_begin(struct dg_piece_cache *c)
+{
+    if (c->batch)
+        return 0;
+    c->batch_ops = 0;
+    return map_mdb_error(mdb_txn_begin(c->env, NULL, 0, &c->batch));
+}
+
+int dg_piece_cache_batch_commit(struct dg_piece_cache *c)
+{
+    MDB_txn *txn = c->batch;
+
+    if (!txn)
+        return 0;
+    c->batch = NULL;
+    c->batch_ops = 0;
+    return commit(txn);
+}
+
+unsigned dg_piece_cache_batch_size(const struct dg_piece_cache *c)
+{
+    return c->batch ? c->batch_ops : 0;
 }

@@ -156,6 +156,19 @@ int dg_piece_cache_put_leaves(struct dg_piece_cache *c, const uint8_t root[32], 
 int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], uint64_t block,
                              const void *data, size_t len);
 
+/* Opens a write batch: until dg_piece_cache_batch_commit(), every update of this API is
+ * applied in a nested transaction of one LMDB transaction, and becomes visible to readers and
+ * durable together with the others, at the cost of one sync instead of one each. An update
+ * that fails is rolled back alone. No-op when a batch is open. @return 0, -EIO, -ENOSPC. */
+int dg_piece_cache_batch_begin(struct dg_piece_cache *c);
+
+/* Commits the open batch (no-op without one). On failure every update of the batch is lost;
+ * the caller redoes them. @return 0, -EIO, -ENOSPC. */
+int dg_piece_cache_batch_commit(struct dg_piece_cache *c);
+
+/* Updates applied in the open batch so far (0 without one). */
+unsigned dg_piece_cache_batch_size(const struct dg_piece_cache *c);
+
 /* Makes stored blocks durable: fdatasync of the block files written since the last flush,
  * then one LMDB commit of their bits and of last-access times. @return 0, -EIO, -ENOSPC. */
 int dg_piece_cache_flush(struct dg_piece_cache *c);
