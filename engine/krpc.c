@@ -515,9 +515,10 @@ int dg_krpc_encode_ping(uint8_t *buf, size_t cap, const struct dg_krpc_hdr *h,
     return query_end(&w, h, "ping");
 }
 
-int dg_krpc_encode_find_node(uint8_t *buf, size_t cap, const struct dg_krpc_hdr *h,
-                             const uint8_t id[DG_KRPC_ID_LEN], const uint8_t target[DG_KRPC_ID_LEN],
-                             unsigned want)
+/* find_node and get_peers: the same query with a different key and method. */
+static int encode_lookup(uint8_t *buf, size_t cap, const struct dg_krpc_hdr *h,
+                         const uint8_t id[DG_KRPC_ID_LEN], const char *key_name,
+                         const uint8_t key[DG_KRPC_ID_LEN], unsigned want, const char *method)
 {
     struct dg_bencode_writer w;
     int rc = check_hdr(h);
@@ -528,29 +529,24 @@ int dg_krpc_encode_find_node(uint8_t *buf, size_t cap, const struct dg_krpc_hdr 
         return -EINVAL;
     dg_bencode_writer_init(&w, buf, cap);
     query_begin(&w, id);
-    put_key(&w, "target");
-    dg_bencode_put_str(&w, target, DG_KRPC_ID_LEN);
+    put_key(&w, key_name);
+    dg_bencode_put_str(&w, key, DG_KRPC_ID_LEN);
     put_want(&w, want);
-    return query_end(&w, h, "find_node");
+    return query_end(&w, h, method);
+}
+
+int dg_krpc_encode_find_node(uint8_t *buf, size_t cap, const struct dg_krpc_hdr *h,
+                             const uint8_t id[DG_KRPC_ID_LEN], const uint8_t target[DG_KRPC_ID_LEN],
+                             unsigned want)
+{
+    return encode_lookup(buf, cap, h, id, "target", target, want, "find_node");
 }
 
 int dg_krpc_encode_get_peers(uint8_t *buf, size_t cap, const struct dg_krpc_hdr *h,
                              const uint8_t id[DG_KRPC_ID_LEN],
                              const uint8_t info_hash[DG_KRPC_ID_LEN], unsigned want)
 {
-    struct dg_bencode_writer w;
-    int rc = check_hdr(h);
-
-    if (rc)
-        return rc;
-    if (want & ~(DG_KRPC_WANT_N4 | DG_KRPC_WANT_N6))
-        return -EINVAL;
-    dg_bencode_writer_init(&w, buf, cap);
-    query_begin(&w, id);
-    put_key(&w, "info_hash");
-    dg_bencode_put_str(&w, info_hash, DG_KRPC_ID_LEN);
-    put_want(&w, want);
-    return query_end(&w, h, "get_peers");
+    return encode_lookup(buf, cap, h, id, "info_hash", info_hash, want, "get_peers");
 }
 
 int dg_krpc_encode_announce_peer(uint8_t *buf, size_t cap, const struct dg_krpc_hdr *h,
