@@ -1131,8 +1131,9 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
         char path[4200], hex[DG_ROOT_HEX_LEN + 1];
         dg_root_format(root, hex);
         snprintf(path, sizeof(path), "%s/%.2s", c->block_dir, hex);
-        if (mkdir(path, 0700) < 0 && errno != EEXIST)
-            return -errno;
+        /* The whole cache directory may have been removed (it is a cache): make it again. */
+        if ((rc = dg_mkdir_p(path)) < 0)
+            return rc;
         block_path(c, root, path, sizeof(path));
         p->fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
         if (p->fd < 0)

@@ -1274,6 +1274,33 @@ static void test_put_after_loss(void **state)
     assert_true(same);
 }
 
+/* The user removes the whole block directory (it is a cache): reads of what it held fail
+ * and are forgotten, and new blocks are stored again. */
+static void test_block_dir_removed(void **state)
+{
+    struct fixture *fx = *state;
+    struct content *a = make_content(fx, 3 * BLOCK, 21);
+    struct dg_piece_cache *c = open_cache(fx);
+    uint8_t *buf = malloc(a->len);
+
+    assert_non_null(buf);
+    assert_int_equal(dg_piece_cache_add_root(c, a->root, a->len, a->layer, a->layer_count), 0);
+    for (uint64_t i = 0; i < 3; i++)
+        assert_int_equal(put_block(c, a, i), 0);
+    assert_int_equal(dg_piece_cache_flush(c), 0);
+    assert_int_equal(nftw(fx->blocks, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+    assert_int_equal(dg_piece_cache_read(c, a->root, buf, BLOCK, 0), -EIO);
+    assert_int_equal(dg_piece_cache_flush(c), 0);
+    assert_int_equal(dg_piece_cache_has_range(c, a->root, 0, a->len), 0);
+    for (uint64_t i = 0; i < 3; i++)
+        assert_int_equal(put_block(c, a, i), 0);
+    assert_int_equal(dg_piece_cache_flush(c), 0);
+    assert_reads_back(c, a, 0, a->len);
+    dg_piece_cache_close(c);
+    free(buf);
+    free_content(a);
+}
+
 static void test_touch_and_access_time(void **state)
 {
     struct fixture *fx = *state;
@@ -1305,6 +1332,7 @@ int main(void)
         T(test_list_roots_pagination), T(test_add_root),         T(test_blocks_small),
         T(test_has_range_overflow),    T(test_blocks_large),     T(test_drop_forgets_leaves),
         T(test_crash_safety),          T(test_lost_storage),     T(test_put_after_loss),
+        T(test_block_dir_removed),
         T(test_touch_and_access_time),
     };
 #undef T
