@@ -51,6 +51,10 @@ struct dg_piece_cache {
     void *clock_arg;
     MDB_txn *batch; /* open write batch: writer functions nest their transactions in it */
     unsigned batch_ops;
+    /* Bytes in block storage, kept by the writer once an eviction has counted them, so that
+     * eviction scans the roots only when the limit is exceeded. */
+    uint64_t stored;
+    int stored_known;
 };
 
 static int map_mdb_error(int rc)
@@ -1166,7 +1170,10 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
 }
 
 /* Sets the bits of @p p's blocks in `have` and adds them to the root's count. */
-static int commit_pending(struct dg_piece_cache *c, MDB_txn *txn, const struct pending_root *p)
+static uint64_t stored_bytes(const struct dg_root_record *rec);
+
+static int commit_pending(struct dg_piece_cache *c, MDB_txn *txn, const struct pending_root *p,
+                          int64_t *delta)
 {
     struct dg_root_record rec;
     uint8_t k[40], chunk_buf[HAVE_CHUNK_BYTES];
@@ -1192,11 +1199,14 @@ static int commit_pending(struct dg_piece_cache *c, MDB_txn *txn, const struct p
         if ((rc = map_mdb_error(mdb_put(txn, c->have, &key, &val, 0))) < 0)
             return rc;
     }
+    uint64_t before = stored_bytes(&rec);
     rec.blocks_cached += added;
+    *delta += (int64_t)(stored_bytes(&rec) - before);
     return put_root(txn, c, p->root, &rec);
 }
 
-static int apply_touched(struct dg_piece_cache *c, MDB_txn *txn, const struct touched_root *t)
+static int apply_touched(struct dg_piece_cache *c, MDB_txn *txn, const struct touched_root *t,
+                         int64_t *delta)
 {
     struct dg_root_record rec;
     int rc = get_root(txn, c, t->root, &rec);
@@ -1208,6 +1218,7 @@ static int apply_touched(struct dg_piece_cache *c, MDB_txn *txn, const struct to
     if (t->lost) {
         if ((rc = delete_prefix(txn, c->have, t->root)) < 0)
             return rc;
+        *delta -= (int64_t)stored_bytes(&rec);
         rec.blocks_cached = 0;
     } else {
         if (t->when <= rec.last_access)
@@ -1222,6 +1233,7 @@ int dg_piece_cache_flush(struct dg_piece_cache *c)
     struct pending_root *pending, *p;
     struct touched_root *touched, *t;
     MDB_txn *txn;
+    int64_t delta = 0;
     int rc = 0;
 
     /* Block bits are published by their own commit: readers must see them the moment the
@@ -1251,13 +1263,15 @@ int dg_piece_cache_flush(struct dg_piece_cache *c)
     }
     if (rc == 0 && (rc = write_txn(c, &txn)) == 0) {
         for (p = pending; p && rc == 0; p = p->next)
-            rc = commit_pending(c, txn, p);
+            rc = commit_pending(c, txn, p, &delta);
         for (t = touched; t && rc == 0; t = t->next)
-            rc = apply_touched(c, txn, t);
+            rc = apply_touched(c, txn, t, &delta);
         if (rc == 0)
             rc = commit(txn);
         else
             mdb_txn_abort(txn);
+        if (rc == 0 && c->stored_known)
+            c->stored = (int64_t)c->stored + delta < 0 ? 0 : (uint64_t)((int64_t)c->stored + delta);
     }
     if (rc == 0) {
         /* Committed: the pending list can go. Blocks added by put_block meanwhile were added
@@ -1403,6 +1417,8 @@ int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
     /* Counts must include every stored block: commit the pending ones first. */
     if ((rc = dg_piece_cache_flush(c)) < 0)
         return rc;
+    if (c->stored_known && c->stored <= limit)
+        return 0; /* nothing to do: no need to look at every root */
     if ((rc = read_txn(c, &txn)) < 0)
         return rc;
     if ((rc = map_mdb_error(mdb_cursor_open(txn, c->roots, &cur))) < 0) {
@@ -1435,6 +1451,10 @@ int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
     }
     mdb_cursor_close(cur);
     mdb_txn_abort(txn);
+    if (rc == 0) {
+        c->stored = total;
+        c->stored_known = 1;
+    }
     if (rc == 0 && total > limit) {
         qsort(cand, n, sizeof(*cand), by_last_access);
         for (size_t i = 0; i < n && total > limit && rc == 0; i++) {
@@ -1442,6 +1462,7 @@ int dg_piece_cache_evict(struct dg_piece_cache *c, uint64_t limit,
                 continue;
             if ((rc = evict_root(c, cand[i].root)) == 0) {
                 total -= cand[i].bytes;
+                c->stored -= cand[i].bytes;
                 if (freed)
                     *freed += cand[i].bytes;
             }

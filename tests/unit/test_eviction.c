@@ -248,6 +248,39 @@ static void test_pinned_roots_are_kept(void **state)
     assert_int_equal(dg_piece_cache_set_pinned(fx->cache, fx->c[0].root, 1), -ENOENT);
 }
 
+/* After an eviction has counted the stored bytes, the count follows new and lost blocks: a
+ * later eviction still acts when the limit is exceeded (it does not rescan when it is not). */
+static void test_counts_follow_changes(void **state)
+{
+    struct fixture *fx = *state;
+    struct content extra;
+    uint64_t freed = 0, total = total_bytes(fx);
+
+    assert_int_equal(dg_piece_cache_evict(fx->cache, total, NULL, NULL, &freed), 0);
+    assert_int_equal(freed, 0);
+    make_content(&extra, 2 * BLOCK + 5, 9);
+    fx->now += 100;
+    store(fx, &extra); /* the newest: the old roots go first */
+    assert_int_equal(dg_piece_cache_evict(fx->cache, total + extra.len - 1, NULL, NULL, &freed), 0);
+    assert_int_equal(freed, fx->c[0].len);
+    assert_true(held(fx, &extra));
+    /* Lost storage leaves the count too: after c[1]'s file is gone, the remaining roots fit
+     * a limit that c[1] would have broken. */
+    char hex[DG_ROOT_HEX_LEN + 1], path[256];
+    uint8_t byte;
+    dg_root_format(fx->c[1].root, hex);
+    snprintf(path, sizeof(path), "%s/%.2s/%s", fx->blocks, hex, hex);
+    assert_int_equal(unlink(path), 0);
+    assert_int_equal(dg_piece_cache_read(fx->cache, fx->c[1].root, &byte, 1, 0), -EIO);
+    assert_int_equal(dg_piece_cache_evict(fx->cache, fx->c[2].len + extra.len, NULL, NULL, &freed),
+                     0);
+    assert_int_equal(freed, 0);
+    assert_true(held(fx, &fx->c[2]));
+    assert_true(held(fx, &extra));
+    free(extra.data);
+    free(extra.layer);
+}
+
 static void test_eviction_survives_reopen(void **state)
 {
     struct fixture *fx = *state;
@@ -273,6 +306,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_roots_in_use_are_kept, setup, teardown),
         cmocka_unit_test_setup_teardown(test_limit_zero_keeps_roots_in_use_only, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pinned_roots_are_kept, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_counts_follow_changes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eviction_survives_reopen, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
