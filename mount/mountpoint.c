@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -32,10 +33,12 @@ static int run_fusermount_lazy(const char *path)
 
 int dg_mountpoint_recover(const char *path)
 {
-    struct stat st;
+    struct statvfs sv;
     int rc;
 
-    if (stat(path, &st) == 0 || errno != ENOTCONN)
+    /* statfs, not stat: the kernel may answer stat from cached attributes after the daemon
+     * died, while a statfs always goes to the daemon. */
+    if (statvfs(path, &sv) == 0 || errno != ENOTCONN)
         return 0;
     dg_log(DG_LOG_INFO, "mount", "%s is a stale mount; unmounting it", path);
     if (umount2(path, MNT_DETACH) == 0)

@@ -3,6 +3,7 @@ files changed in data_dir while digfs was not running."""
 
 import errno
 import os
+import subprocess
 import sys
 import time
 
@@ -93,6 +94,21 @@ def test_kill9_stale_mount_recovered():
         m.start()
         check_served(m, files, "after a clean remount")
         check_eq(m.unmount(), 0, "exit status")
+
+
+def test_kill9_after_the_mount_point_was_looked_at():
+    """After `ls` of the mount point the kernel has its attributes cached, so stat() still
+    succeeds on the dead mount after kill -9: the restart must still see that the mount is
+    stale (it asks with statfs) and recover it, not refuse it as a live digfs."""
+    with T.Mount("kill9ls") as m:
+        files = populate(m, "s")
+        # What a user does: coreutils ls and stat fill the kernel's attribute cache.
+        subprocess.run(["ls", "-la", m.mnt], capture_output=True, check=True, timeout=60)
+        subprocess.run(["stat", m.mnt], capture_output=True, check=True, timeout=60)
+        m.kill9()
+        m.start()
+        check_served(m, files, "after kill -9 of a looked-at mount and restart")
+        check_eq(m.unmount(), 0, "exit status of the restarted digfs")
 
 
 def test_kill9_while_hashing():
