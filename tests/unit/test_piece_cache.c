@@ -1327,12 +1327,14 @@ int main(void)
 {
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
     const struct CMUnitTest tests[] = {
-        T(test_open_creates_dirs),     T(test_shared_lifecycle), T(test_shared_new_root),
-        T(test_shared_restat),         T(test_shared_rename),    T(test_shared_rename_many_longer),
-        T(test_list_roots_pagination), T(test_add_root),         T(test_blocks_small),
-        T(test_has_range_overflow),    T(test_blocks_large),     T(test_drop_forgets_leaves),
-        T(test_crash_safety),          T(test_lost_storage),     T(test_put_after_loss),
-        T(test_block_dir_removed),
+        T(test_open_creates_dirs),     T(test_shared_lifecycle),
+        T(test_shared_new_root),       T(test_shared_restat),
+        T(test_shared_rename),         T(test_shared_rename_many_longer),
+        T(test_list_roots_pagination), T(test_add_root),
+        T(test_blocks_small),          T(test_has_range_overflow),
+        T(test_blocks_large),          T(test_drop_forgets_leaves),
+        T(test_crash_safety),          T(test_lost_storage),
+        T(test_put_after_loss),        T(test_block_dir_removed),
         T(test_touch_and_access_time),
     };
 #undef T
