@@ -77,7 +77,9 @@ struct hash_task {
     int running;
     int dirty; /* changed again while running: hash again */
     int retries;
-    uv_work_t work;
+    uint64_t size;  /* at queueing time: small files share a job */
+    char *job_path; /* the path the running job reads: the job's own copy (renames may
+                     * replace @p path on the loop thread meanwhile) */
     /* result, filled on the pool thread */
     int status;
     struct dg_file_hash hash;
@@ -85,6 +87,20 @@ struct hash_task {
     struct hash_task *bucket_next; /* the path index */
     struct hash_task *queue_next;  /* the FIFO of tasks waiting for a job slot */
     int queued;
+};
+
+/* One thread-pool job: one large file, or up to JOB_MAX_FILES small ones (thread-pool
+ * hand-offs, not hashing, are what small files cost). */
+#define JOB_MAX_FILES 32
+#define JOB_SMALL_FILE (1u << 20)
+#define JOB_MAX_BYTES (8u << 20)
+
+struct hash_job {
+    struct dg_engine *e;
+    uv_work_t work;
+    size_t count;
+    struct hash_task *tasks[JOB_MAX_FILES];
+    struct hash_job *next; /* running jobs, for cancellation */
 };
 
 #define TASK_BUCKETS 4096
@@ -141,7 +157,8 @@ struct dg_engine {
     struct hash_task *tasks;
     struct hash_task *task_bucket[TASK_BUCKETS];
     struct hash_task *waiting_head, *waiting_tail; /* tasks waiting for a job slot */
-    unsigned tasks_running;
+    unsigned tasks_running;                        /* running jobs */
+    struct hash_job *jobs;
     uv_timer_t batch_timer; /* commits the piece cache's write batch */
     int batch_open;
     struct retry_path *batched; /* roots recorded in the open batch (redone if it fails) */
@@ -550,6 +567,7 @@ static void remove_task(struct dg_engine *e, struct hash_task *task)
     if (task->next)
         task->next->prev = task->prev;
     dg_file_hash_clear(&task->hash);
+    free(task->job_path);
     free(task->path);
     free(task);
 }
@@ -672,6 +690,7 @@ static void queue_hash(struct dg_engine *e, const char *relpath)
         return;
     }
     task->e = e;
+    task->size = (uint64_t)st.st_size;
     task->next = e->tasks;
     if (e->tasks)
         e->tasks->prev = task;
@@ -681,10 +700,11 @@ static void queue_hash(struct dg_engine *e, const char *relpath)
     pump_hash_tasks(e);
 }
 
-static void hash_work(uv_work_t *req)
+/* Hashes one task's file (pool thread): reads only task->job_path and writes the result. */
+static void hash_one(const char *shared_dir, struct hash_task *task)
 {
-    struct hash_task *task = req->data;
-    char *full = join_path(task->e->shared_dir, task->path);
+    char *full = join_path(shared_dir, task->job_path);
+    struct stat st;
     int fd;
 
     memset(&task->hash, 0, sizeof(task->hash));
@@ -698,12 +718,19 @@ static void hash_work(uv_work_t *req)
         task->status = -errno;
         return;
     }
-    struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
         task->status = -EISDIR;
     else
         task->status = dg_hash_fd(fd, &task->hash);
     close(fd);
+}
+
+static void hash_work(uv_work_t *req)
+{
+    struct hash_job *job = req->data;
+
+    for (size_t i = 0; i < job->count; i++)
+        hash_one(job->e->shared_dir, job->tasks[i]);
 }
 
 static int same_content_stat(const struct stat *a, const struct stat *b)
@@ -713,16 +740,16 @@ static int same_content_stat(const struct stat *a, const struct stat *b)
            a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
 }
 
-static void hash_done(uv_work_t *req, int status)
+/* Settles one task whose job ended (loop thread). */
+static void task_finished(struct dg_engine *e, struct hash_task *task, int cancelled)
 {
-    struct hash_task *task = req->data;
-    struct dg_engine *e = task->e;
     struct stat now;
     char hex[DG_ROOT_HEX_LEN + 1];
 
     task->running = 0;
-    e->tasks_running--;
-    if (status == UV_ECANCELED || e->shutting_down) {
+    free(task->job_path);
+    task->job_path = NULL;
+    if (cancelled || e->shutting_down) {
         remove_task(e, task);
         return;
     }
@@ -735,7 +762,6 @@ static void hash_done(uv_work_t *req, int status)
         if (st_rc == 0)
             dg_piece_cache_shared_begin(e->cache, task->path, &now);
         enqueue_task(e, task);
-        pump_hash_tasks(e);
         return;
     }
     if (task->status == 0 && st_rc == 0 && !same_content_stat(&now, &task->hash.st))
@@ -743,7 +769,6 @@ static void hash_done(uv_work_t *req, int status)
     if (task->status == -EAGAIN && st_rc == 0 && ++task->retries <= HASH_RETRIES) {
         dg_file_hash_clear(&task->hash);
         enqueue_task(e, task);
-        pump_hash_tasks(e);
         return;
     }
     if (st_rc < 0 || task->status == -ENOENT) {
@@ -768,8 +793,41 @@ static void hash_done(uv_work_t *req, int status)
         dg_piece_cache_shared_failed(e->cache, task->path, &now, err);
     }
     remove_task(e, task);
+}
+
+static void job_done(uv_work_t *req, int status)
+{
+    struct hash_job *job = req->data;
+    struct dg_engine *e = job->e;
+
+    for (struct hash_job **pp = &e->jobs; *pp; pp = &(*pp)->next) {
+        if (*pp == job) {
+            *pp = job->next;
+            break;
+        }
+    }
+    e->tasks_running--;
+    for (size_t i = 0; i < job->count; i++)
+        task_finished(e, job->tasks[i], status == UV_ECANCELED);
+    free(job);
+    if (e->shutting_down)
+        return;
     pump_hash_tasks(e);
     check_idle(e);
+}
+
+/* Takes the next queued task off the FIFO, or NULL. */
+static struct hash_task *dequeue_task(struct dg_engine *e)
+{
+    struct hash_task *t = e->waiting_head;
+
+    if (!t)
+        return NULL;
+    e->waiting_head = t->queue_next;
+    if (!e->waiting_head)
+        e->waiting_tail = NULL;
+    t->queued = 0;
+    return t;
 }
 
 static void pump_hash_tasks(struct dg_engine *e)
@@ -777,20 +835,49 @@ static void pump_hash_tasks(struct dg_engine *e)
     if (e->shutting_down)
         return;
     while (e->waiting_head && e->tasks_running < e->cfg.hash_jobs) {
-        struct hash_task *t = e->waiting_head;
-        e->waiting_head = t->queue_next;
-        if (!e->waiting_head)
-            e->waiting_tail = NULL;
-        t->queued = 0;
-        t->running = 1;
-        t->status = 0;
-        t->work.data = t;
+        struct hash_job *job = calloc(1, sizeof(*job));
+        uint64_t bytes = 0;
+
+        if (!job)
+            return; /* tried again when another job ends or a file is written */
+        job->e = e;
+        job->work.data = job;
+        /* A large file alone; small files together, up to a file and byte budget. */
+        while (e->waiting_head && job->count < JOB_MAX_FILES) {
+            struct hash_task *t = e->waiting_head;
+            int small = t->size < JOB_SMALL_FILE;
+            if (job->count > 0 && (!small || bytes + t->size > JOB_MAX_BYTES))
+                break;
+            char *copy = strdup(t->path);
+            if (!copy)
+                break;
+            dequeue_task(e);
+            t->job_path = copy;
+            t->running = 1;
+            t->status = 0;
+            job->tasks[job->count++] = t;
+            bytes += t->size;
+            if (!small)
+                break;
+        }
+        if (job->count == 0) {
+            free(job);
+            return;
+        }
         e->tasks_running++;
-        if (uv_queue_work(&e->loop, &t->work, hash_work, hash_done) < 0) {
-            t->running = 0;
+        job->next = e->jobs;
+        e->jobs = job;
+        if (uv_queue_work(&e->loop, &job->work, hash_work, job_done) < 0) {
+            e->jobs = job->next;
             e->tasks_running--;
-            enqueue_task(e, t);
-            break;
+            for (size_t i = 0; i < job->count; i++) {
+                job->tasks[i]->running = 0;
+                free(job->tasks[i]->job_path);
+                job->tasks[i]->job_path = NULL;
+                enqueue_task(e, job->tasks[i]);
+            }
+            free(job);
+            return;
         }
     }
 }
@@ -1228,9 +1315,8 @@ static void shut_down(struct dg_engine *e)
         w->fn(w->arg);
         free(w);
     }
-    for (struct hash_task *t = e->tasks; t; t = t->next)
-        if (t->running)
-            uv_cancel((uv_req_t *)&t->work);
+    for (struct hash_job *j = e->jobs; j; j = j->next)
+        uv_cancel((uv_req_t *)&j->work);
     uv_close((uv_handle_t *)&e->wake, NULL);
     uv_close((uv_handle_t *)&e->flush_timer, NULL);
 }
