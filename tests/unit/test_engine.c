@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/tmpdir.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -43,22 +45,13 @@ struct fixture {
     char shared[160];
 };
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static int setup(void **state)
 {
     struct fixture *fx = calloc(1, sizeof(*fx));
 
     if (!fx)
         return -1;
-    snprintf(fx->dir, sizeof(fx->dir), "/tmp/dg-engine-XXXXXX");
-    if (!mkdtemp(fx->dir))
+    if (tmpdir_make(fx->dir, sizeof(fx->dir), "engine") < 0)
         return -1;
     snprintf(fx->data, sizeof(fx->data), "%s/data", fx->dir);
     snprintf(fx->cache, sizeof(fx->cache), "%s/cache", fx->dir);
@@ -71,7 +64,7 @@ static int teardown(void **state)
 {
     struct fixture *fx = *state;
 
-    nftw(fx->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    tmpdir_remove(fx->dir);
     free(fx);
     return 0;
 }

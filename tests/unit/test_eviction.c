@@ -13,6 +13,8 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/tmpdir.h"
+
 #include "engine/merkle.h"
 #include "engine/piece_cache.h"
 #include "engine/root_name.h"
@@ -80,8 +82,7 @@ static int setup(void **state)
     struct fixture *fx = calloc(1, sizeof(*fx));
 
     assert_non_null(fx);
-    snprintf(fx->dir, sizeof(fx->dir), "/tmp/dg-evict-XXXXXX");
-    assert_non_null(mkdtemp(fx->dir));
+    assert_int_equal(tmpdir_make(fx->dir, sizeof(fx->dir), "evict"), 0);
     snprintf(fx->index, sizeof(fx->index), "%s/index", fx->dir);
     snprintf(fx->blocks, sizeof(fx->blocks), "%s/blocks", fx->dir);
     assert_int_equal(dg_piece_cache_open(fx->index, fx->blocks, &fx->cache), 0);
@@ -99,15 +100,12 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     struct fixture *fx = *state;
-    char cmd[128];
-
     dg_piece_cache_close(fx->cache);
     for (unsigned i = 0; i < NROOTS; i++) {
         free(fx->c[i].data);
         free(fx->c[i].layer);
     }
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", fx->dir);
-    assert_int_equal(system(cmd), 0);
+    tmpdir_remove(fx->dir);
     free(fx);
     return 0;
 }

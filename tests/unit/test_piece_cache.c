@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/tmpdir.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -39,22 +41,13 @@ struct fixture {
     char blocks[128];
 };
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static int setup(void **state)
 {
     struct fixture *fx = calloc(1, sizeof(*fx));
 
     if (!fx)
         return -1;
-    snprintf(fx->dir, sizeof(fx->dir), "/tmp/dg-cache-XXXXXX");
-    if (!mkdtemp(fx->dir))
+    if (tmpdir_make(fx->dir, sizeof(fx->dir), "cache") < 0)
         return -1;
     snprintf(fx->index, sizeof(fx->index), "%s/data/index", fx->dir);
     snprintf(fx->blocks, sizeof(fx->blocks), "%s/cache/blocks", fx->dir);
@@ -66,7 +59,7 @@ static int teardown(void **state)
 {
     struct fixture *fx = *state;
 
-    nftw(fx->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    tmpdir_remove(fx->dir);
     free(fx);
     return 0;
 }
@@ -1288,7 +1281,7 @@ static void test_block_dir_removed(void **state)
     for (uint64_t i = 0; i < 3; i++)
         assert_int_equal(put_block(c, a, i), 0);
     assert_int_equal(dg_piece_cache_flush(c), 0);
-    assert_int_equal(nftw(fx->blocks, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+    tmpdir_remove(fx->blocks);
     assert_int_equal(dg_piece_cache_read(c, a->root, buf, BLOCK, 0), -EIO);
     assert_int_equal(dg_piece_cache_flush(c), 0);
     assert_int_equal(dg_piece_cache_has_range(c, a->root, 0, a->len), 0);
