@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/content.h"
 #include "tests/unit/tmpdir.h"
 
 #include <errno.h>
@@ -178,28 +179,6 @@ static void wait_idle(struct dg_engine *e)
 
 /* ---- content ---- */
 
-struct content {
-    uint8_t *data;
-    size_t len;
-    uint8_t root[32];
-    uint8_t *layer;
-    uint64_t layer_count;
-};
-
-static void fill(uint8_t *p, size_t len, uint64_t seed)
-{
-    uint64_t s = seed;
-
-    for (size_t i = 0; i < len; i += 8) {
-        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        for (size_t k = 0; k < 8 && i + k < len; k++)
-            p[i + k] = (uint8_t)(z >> (8 * k));
-    }
-}
-
 /* Hashes the file at @p path with dg_hash_fd(). */
 static void hash_path(const char *path, uint8_t root[32], struct content *ct)
 {
@@ -228,43 +207,10 @@ static void write_file(const char *path, const void *data, size_t len, int flags
     close(fd);
 }
 
-static struct content *make_content(const struct fixture *fx, size_t len, uint64_t seed)
-{
-    struct content *ct = calloc(1, sizeof(*ct));
-    char path[192];
-
-    assert_non_null(ct);
-    ct->len = len;
-    ct->data = malloc(len ? len : 1);
-    assert_non_null(ct->data);
-    fill(ct->data, len, seed);
-    snprintf(path, sizeof(path), "%s/content.tmp", fx->dir);
-    write_file(path, ct->data, len, O_TRUNC);
-    hash_path(path, ct->root, ct);
-    unlink(path);
-    return ct;
-}
-
-static void free_content(struct content *ct)
-{
-    if (!ct)
-        return;
-    free(ct->data);
-    free(ct->layer);
-    free(ct);
-}
-
-static size_t block_len(const struct content *ct, uint64_t b)
-{
-    size_t off = (size_t)b * BLOCK;
-
-    return ct->len - off < BLOCK ? ct->len - off : BLOCK;
-}
-
 static void put_block(struct dg_engine *e, const struct content *ct, uint64_t b)
 {
-    assert_int_equal(dg_engine_put_block(e, ct->root, b, ct->data + b * BLOCK, block_len(ct, b)),
-                     0);
+    assert_int_equal(
+        dg_engine_put_block(e, ct->root, b, ct->data + b * BLOCK, content_block_len(ct, b)), 0);
 }
 
 /* An engine with @p ct registered in its cache (before start: the test is the writer). */
@@ -285,7 +231,7 @@ static struct dg_engine *engine_with(const struct fixture *fx, const struct cont
 static void test_read_waits_for_blocks(void **state)
 {
     struct fixture *fx = *state;
-    struct content *ct = make_content(fx, 6 * BLOCK + 500, 1); /* 7 blocks */
+    struct content *ct = content_make(fx->dir, 6 * BLOCK + 500, 1); /* 7 blocks */
     struct dg_engine *e = engine_with(fx, ct, LONG_TIMEOUT_MS);
     struct dg_content *c = NULL;
     struct dg_root_info info;
@@ -376,14 +322,14 @@ static void test_read_waits_for_blocks(void **state)
     assert_int_equal(dg_content_read(c, buf, 10, 0), -EAGAIN);
     dg_content_unref(c);
     dg_engine_free(e);
-    free_content(ct);
+    content_free(ct);
 }
 
 /* Several reads of one root wait together; each gets its own bytes. */
 static void test_many_waiters(void **state)
 {
     struct fixture *fx = *state;
-    struct content *ct = make_content(fx, 4 * BLOCK, 2);
+    struct content *ct = content_make(fx->dir, 4 * BLOCK, 2);
     struct dg_engine *e = engine_with(fx, ct, LONG_TIMEOUT_MS);
     struct dg_content *c = NULL;
     enum {
@@ -409,13 +355,13 @@ static void test_many_waiters(void **state)
         box_destroy(&b[i]);
     }
     dg_engine_free(e);
-    free_content(ct);
+    content_free(ct);
 }
 
 static void test_read_timeout(void **state)
 {
     struct fixture *fx = *state;
-    struct content *ct = make_content(fx, 3 * BLOCK, 3);
+    struct content *ct = content_make(fx->dir, 3 * BLOCK, 3);
     struct dg_engine *e = engine_with(fx, ct, 300);
     struct dg_content *c = NULL;
     struct box b;
@@ -430,13 +376,13 @@ static void test_read_timeout(void **state)
     dg_content_unref(c);
     dg_engine_stop(e);
     dg_engine_free(e);
-    free_content(ct);
+    content_free(ct);
 }
 
 static void test_read_cancel(void **state)
 {
     struct fixture *fx = *state;
-    struct content *ct = make_content(fx, 3 * BLOCK, 4);
+    struct content *ct = content_make(fx->dir, 3 * BLOCK, 4);
     struct dg_engine *e = engine_with(fx, ct, LONG_TIMEOUT_MS);
     struct dg_content *c = NULL;
     struct box b, other;
@@ -470,7 +416,7 @@ static void test_read_cancel(void **state)
     box_destroy(&other);
     dg_content_unref(c);
     dg_engine_free(e);
-    free_content(ct);
+    content_free(ct);
 }
 
 /* A cancel that reaches the engine before its read (a FUSE interrupt that fired while the read
@@ -478,7 +424,7 @@ static void test_read_cancel(void **state)
 static void test_cancel_before_read(void **state)
 {
     struct fixture *fx = *state;
-    struct content *ct = make_content(fx, 3 * BLOCK, 5);
+    struct content *ct = content_make(fx->dir, 3 * BLOCK, 5);
     struct dg_engine *e = engine_with(fx, ct, LONG_TIMEOUT_MS);
     struct dg_content *c = NULL;
     struct box b, other;
@@ -507,7 +453,7 @@ static void test_cancel_before_read(void **state)
     box_destroy(&other);
     dg_content_unref(c);
     dg_engine_free(e);
-    free_content(ct);
+    content_free(ct);
 }
 
 /* With cache_size set, the engine's flush timer evicts roots nobody has open, and keeps the
@@ -515,8 +461,8 @@ static void test_cancel_before_read(void **state)
 static void test_cache_size_evicts_unopened_roots(void **state)
 {
     struct fixture *fx = *state;
-    struct content *kept = make_content(fx, 3 * BLOCK, 6);
-    struct content *gone = make_content(fx, 3 * BLOCK, 7);
+    struct content *kept = content_make(fx->dir, 3 * BLOCK, 6);
+    struct content *gone = content_make(fx->dir, 3 * BLOCK, 7);
     struct dg_engine_config cfg = {
         .data_dir = fx->data,
         .cache_dir = fx->cache,
@@ -554,14 +500,14 @@ static void test_cache_size_evicts_unopened_roots(void **state)
     assert_memory_equal(buf, kept->data, kept->len);
     dg_content_unref(c);
     dg_engine_free(e);
-    free_content(kept);
-    free_content(gone);
+    content_free(kept);
+    content_free(gone);
 }
 
 static void test_stop_with_waiting_read(void **state)
 {
     struct fixture *fx = *state;
-    struct content *ct = make_content(fx, 3 * BLOCK, 5);
+    struct content *ct = content_make(fx->dir, 3 * BLOCK, 5);
     struct dg_engine *e = engine_with(fx, ct, LONG_TIMEOUT_MS);
     struct dg_content *c = NULL;
     struct box b, late;
@@ -592,7 +538,7 @@ static void test_stop_with_waiting_read(void **state)
     box_destroy(&late);
     dg_content_unref(c);
     dg_engine_free(e);
-    free_content(ct);
+    content_free(ct);
 }
 
 /* Stop and free of an engine that never started. */
@@ -670,7 +616,7 @@ static void test_shared_files(void **state)
     struct stat st;
 
     assert_non_null(data);
-    fill(data, len + more, 6);
+    content_fill(data, len + more, 6);
     /* Files written before start are found by the startup scan. */
     shared_path(fx, "a.bin", path, sizeof(path));
     write_file(path, data, len, O_TRUNC);
@@ -744,7 +690,7 @@ static void test_shared_changed_while_open(void **state)
     struct timespec times[2];
     int fd;
 
-    fill(data, sizeof(data), 7);
+    content_fill(data, sizeof(data), 7);
     shared_path(fx, "f", path, sizeof(path));
     write_file(path, data, sizeof(data), O_TRUNC);
     hash_path(path, root, NULL);
@@ -798,7 +744,7 @@ static void test_shared_rename_and_restart(void **state)
     struct box done;
 
     assert_non_null(f);
-    fill(data, sizeof(data), 8);
+    content_fill(data, sizeof(data), 8);
     shared_path(fx, "x", from, sizeof(from));
     shared_path(fx, "y", to, sizeof(to));
     shared_path(fx, "gone", gone, sizeof(gone));

@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/content.h"
 #include "tests/unit/tmpdir.h"
 
 #include <errno.h>
@@ -75,80 +76,14 @@ static struct dg_piece_cache *open_cache(const struct fixture *fx)
 
 /* ---- content ---- */
 
-struct content {
-    uint8_t *data;
-    size_t len;
-    uint8_t root[32];
-    uint64_t piece_size;
-    uint8_t *layer;
-    uint64_t layer_count;
-};
-
-/* @p len bytes from splitmix64 seeded with @p seed, hashed through a file with dg_hash_fd(). */
-static struct content *make_content(const struct fixture *fx, size_t len, uint64_t seed)
-{
-    struct content *ct = calloc(1, sizeof(*ct));
-    struct dg_file_hash h;
-    char path[128];
-    uint64_t s = seed;
-    int fd;
-
-    assert_non_null(ct);
-    ct->data = malloc(len ? len : 1);
-    assert_non_null(ct->data);
-    ct->len = len;
-    for (size_t i = 0; i < len; i += 8) {
-        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        for (size_t k = 0; k < 8 && i + k < len; k++)
-            ct->data[i + k] = (uint8_t)(z >> (8 * k));
-    }
-    snprintf(path, sizeof(path), "%s/content.tmp", fx->dir);
-    fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-    assert_true(fd >= 0);
-    assert_int_equal(write(fd, ct->data, len), (ssize_t)len);
-    assert_int_equal(dg_hash_fd(fd, &h), 0);
-    close(fd);
-    unlink(path);
-    assert_int_equal(h.length, len);
-    assert_int_equal(h.piece_size, dg_merkle_piece_size(len));
-    assert_int_equal(h.layer_count, dg_merkle_piece_count(len));
-    memcpy(ct->root, h.root, 32);
-    ct->piece_size = h.piece_size;
-    ct->layer_count = h.layer_count;
-    ct->layer = malloc(h.layer_count * 32);
-    assert_non_null(ct->layer);
-    memcpy(ct->layer, h.layer, h.layer_count * 32);
-    dg_file_hash_clear(&h);
-    return ct;
-}
-
-static void free_content(struct content *ct)
-{
-    if (!ct)
-        return;
-    free(ct->data);
-    free(ct->layer);
-    free(ct);
-}
-
 static uint64_t nblocks(const struct content *ct)
 {
     return dg_merkle_block_count(ct->len);
 }
 
-static size_t block_len(const struct content *ct, uint64_t b)
-{
-    size_t off = (size_t)b * BLOCK;
-
-    return ct->len - off < BLOCK ? ct->len - off : BLOCK;
-}
-
 static int put_block(struct dg_piece_cache *c, const struct content *ct, uint64_t b)
 {
-    return dg_piece_cache_put_block(c, ct->root, b, ct->data + b * BLOCK, block_len(ct, b));
+    return dg_piece_cache_put_block(c, ct->root, b, ct->data + b * BLOCK, content_block_len(ct, b));
 }
 
 /* The leaf hashes of piece @p piece (malloc'd, *count of them). */
@@ -162,8 +97,8 @@ static uint8_t *piece_leaves(const struct content *ct, uint64_t piece, uint64_t 
     leaves = malloc(n * 32);
     assert_non_null(leaves);
     for (uint64_t i = 0; i < n; i++)
-        assert_int_equal(dg_merkle_sha256(ct->data + (first + i) * BLOCK, block_len(ct, first + i),
-                                          leaves + 32 * i),
+        assert_int_equal(dg_merkle_sha256(ct->data + (first + i) * BLOCK,
+                                          content_block_len(ct, first + i), leaves + 32 * i),
                          0);
     *count = n;
     return leaves;
@@ -337,7 +272,7 @@ static void test_open_creates_dirs(void **state)
 static void test_shared_lifecycle(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 3 * BLOCK + 77, 1);
+    struct content *a = content_make(fx->dir, 3 * BLOCK + 77, 1);
     struct dg_piece_cache *c = open_cache(fx);
     struct stat st = make_stat(100, a->len, 1000);
     struct dg_root_info info;
@@ -438,13 +373,13 @@ static void test_shared_lifecycle(void **state)
     assert_false(listed(c, a->root));
     dg_piece_cache_close(c);
     free(l);
-    free_content(a);
+    content_free(a);
 }
 
 static void test_shared_new_root(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 5000, 2), *b = make_content(fx, 9000, 3);
+    struct content *a = content_make(fx->dir, 5000, 2), *b = content_make(fx->dir, 9000, 3);
     struct dg_piece_cache *c = open_cache(fx);
     struct stat st;
     struct dg_root_info info;
@@ -505,14 +440,14 @@ static void test_shared_new_root(void **state)
     free(f);
 
     dg_piece_cache_close(c);
-    free_content(a);
-    free_content(b);
+    content_free(a);
+    content_free(b);
 }
 
 static void test_shared_restat(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 100, 4);
+    struct content *a = content_make(fx->dir, 100, 4);
     struct dg_piece_cache *c = open_cache(fx);
     struct stat st;
     struct dg_shared_file *f;
@@ -556,7 +491,7 @@ static void test_shared_restat(void **state)
     assert_int_equal(dg_piece_cache_shared_restat(c, "w", &st), -ENOENT);
 
     dg_piece_cache_close(c);
-    free_content(a);
+    content_free(a);
 }
 
 static void assert_path(struct dg_piece_cache *c, uint64_t ino, const char *want)
@@ -571,7 +506,7 @@ static void assert_path(struct dg_piece_cache *c, uint64_t ino, const char *want
 static void test_shared_rename(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 10, 5);
+    struct content *a = content_make(fx->dir, 10, 5);
     struct dg_piece_cache *c = open_cache(fx);
 
     assert_int_equal(share(c, "p", 400, a), 0);
@@ -616,14 +551,14 @@ static void test_shared_rename(void **state)
     assert_path(c, 403, "very/deep/place/s/y");
     assert_path(c, 404, "dd/x");
     dg_piece_cache_close(c);
-    free_content(a);
+    content_free(a);
 }
 
 /* Many records renamed to a longer path (values grow): none may be lost. */
 static void test_shared_rename_many_longer(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 20000, 6);
+    struct content *a = content_make(fx->dir, 20000, 6);
     struct dg_piece_cache *c = open_cache(fx);
     struct ino_list *l = calloc(1, sizeof(*l));
     char path[128];
@@ -671,7 +606,7 @@ static void test_shared_rename_many_longer(void **state)
     }
     dg_piece_cache_close(c);
     free(l);
-    free_content(a);
+    content_free(a);
 }
 
 static int cmp_root(const void *x, const void *y)
@@ -687,16 +622,16 @@ static void test_list_roots_pagination(void **state)
         N = 13
     };
     uint8_t want[N][32], got[N + 4][32], page[5 * 32];
-    struct content *unheld = make_content(fx, 3 * BLOCK, 99);
+    struct content *unheld = content_make(fx->dir, 3 * BLOCK, 99);
     size_t n, total = 0;
 
     for (int i = 0; i < N; i++) {
-        struct content *ct = make_content(fx, 100 + (size_t)i, 1000 + (uint64_t)i);
+        struct content *ct = content_make(fx->dir, 100 + (size_t)i, 1000 + (uint64_t)i);
         char path[32];
         snprintf(path, sizeof(path), "f%d", i);
         assert_int_equal(share(c, path, 10 + (uint64_t)i, ct), 0);
         memcpy(want[i], ct->root, 32);
-        free_content(ct);
+        content_free(ct);
     }
     qsort(want, N, 32, cmp_root);
     /* Known but not held: never listed. */
@@ -750,15 +685,15 @@ static void test_list_roots_pagination(void **state)
     assert_int_equal(n, 0);
 
     dg_piece_cache_close(c);
-    free_content(unheld);
+    content_free(unheld);
 }
 
 static void test_add_root(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 20 * BLOCK + 5, 7);
-    struct content *big = make_content(fx, 16 * MIB + 1, 8);
-    struct content *empty = make_content(fx, 0, 9);
+    struct content *a = content_make(fx->dir, 20 * BLOCK + 5, 7);
+    struct content *big = content_make(fx->dir, 16 * MIB + 1, 8);
+    struct content *empty = content_make(fx->dir, 0, 9);
     struct dg_piece_cache *c = open_cache(fx);
     struct dg_root_info info;
     uint8_t *bad = malloc(a->layer_count * 32 + 32);
@@ -825,17 +760,17 @@ static void test_add_root(void **state)
 
     dg_piece_cache_close(c);
     free(bad);
-    free_content(a);
-    free_content(big);
-    free_content(empty);
+    content_free(a);
+    content_free(big);
+    content_free(empty);
 }
 
 /* Content of at most 1024 blocks: 16 KiB pieces, the layer is the leaves. */
 static void test_blocks_small(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 5 * BLOCK + 100, 10); /* 6 blocks */
-    struct content *one = make_content(fx, 777, 11);           /* 1 block: layer = root */
+    struct content *a = content_make(fx->dir, 5 * BLOCK + 100, 10); /* 6 blocks */
+    struct content *one = content_make(fx->dir, 777, 11);           /* 1 block: layer = root */
     struct dg_piece_cache *c = open_cache(fx);
     uint8_t *buf = malloc(a->len + BLOCK);
     uint8_t unknown[32] = {1, 2, 3};
@@ -920,15 +855,15 @@ static void test_blocks_small(void **state)
 
     dg_piece_cache_close(c);
     free(buf);
-    free_content(a);
-    free_content(one);
+    content_free(a);
+    content_free(one);
 }
 
 /* A range whose end overflows 64 bits is not "held" when nothing is. */
 static void test_has_range_overflow(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 5 * BLOCK + 100, 12);
+    struct content *a = content_make(fx->dir, 5 * BLOCK + 100, 12);
     struct dg_piece_cache *c = open_cache(fx);
 
     assert_int_equal(dg_piece_cache_add_root(c, a->root, a->len, a->layer, a->layer_count), 0);
@@ -937,7 +872,7 @@ static void test_has_range_overflow(void **state)
     int wrap1 = dg_piece_cache_has_range(c, a->root, BLOCK, UINT64_MAX);
     int wrap2 = dg_piece_cache_has_range(c, a->root, 2 * BLOCK, UINT64_MAX - BLOCK);
     dg_piece_cache_close(c);
-    free_content(a);
+    content_free(a);
     assert_int_equal(whole, 0);
     assert_int_equal(to_max, 0);
     assert_int_equal(wrap1, 0);
@@ -948,7 +883,7 @@ static void test_has_range_overflow(void **state)
 static void test_blocks_large(void **state)
 {
     struct fixture *fx = *state;
-    struct content *big = make_content(fx, 16 * MIB + 1, 13); /* 1025 blocks, 513 pieces */
+    struct content *big = content_make(fx->dir, 16 * MIB + 1, 13); /* 1025 blocks, 513 pieces */
     struct dg_piece_cache *c = open_cache(fx);
     uint8_t unknown[32] = {9};
     uint64_t n;
@@ -1023,7 +958,7 @@ static void test_blocks_large(void **state)
     assert_reads_back(c, big, 7 * MIB + 3, MIB);
     dg_piece_cache_close(c);
     free(bad);
-    free_content(big);
+    content_free(big);
 }
 
 /* A root dropped with its last shared file loses its leaves too: re-added, its blocks wait for
@@ -1031,7 +966,7 @@ static void test_blocks_large(void **state)
 static void test_drop_forgets_leaves(void **state)
 {
     struct fixture *fx = *state;
-    struct content *big = make_content(fx, 16 * MIB + 1, 14);
+    struct content *big = content_make(fx->dir, 16 * MIB + 1, 14);
     struct dg_piece_cache *c = open_cache(fx);
     struct dg_root_info info;
 
@@ -1065,7 +1000,7 @@ static void test_drop_forgets_leaves(void **state)
     assert_reads_back(c, big, 6 * BLOCK, BLOCK);
 
     dg_piece_cache_close(c);
-    free_content(big);
+    content_free(big);
 }
 
 /* kill -9 after a flush and more unflushed blocks: what was flushed is held, nothing else is
@@ -1073,7 +1008,7 @@ static void test_drop_forgets_leaves(void **state)
 static void test_crash_safety(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 40 * BLOCK + 1234, 15); /* 41 blocks */
+    struct content *a = content_make(fx->dir, 40 * BLOCK + 1234, 15); /* 41 blocks */
     struct dg_piece_cache *c;
     pid_t pid;
     int status;
@@ -1108,8 +1043,8 @@ static void test_crash_safety(void **state)
     for (uint64_t b = 10; b < 41; b++)
         assert_int_equal(dg_piece_cache_has_range(c, a->root, b * BLOCK, 1), 0);
     for (uint64_t b = 0; b < 41; b++) {
-        if (dg_piece_cache_has_range(c, a->root, b * BLOCK, block_len(a, b)))
-            assert_reads_back(c, a, b * BLOCK, block_len(a, b));
+        if (dg_piece_cache_has_range(c, a->root, b * BLOCK, content_block_len(a, b)))
+            assert_reads_back(c, a, b * BLOCK, content_block_len(a, b));
     }
     assert_false(listed(c, a->root));
     /* The missing blocks can be stored now, and then all is held. */
@@ -1123,7 +1058,7 @@ static void test_crash_safety(void **state)
     dg_piece_cache_close(c);
 
     /* The same with a child killed by SIGKILL while it has pending blocks. */
-    struct content *b2 = make_content(fx, 8 * BLOCK, 16);
+    struct content *b2 = content_make(fx->dir, 8 * BLOCK, 16);
     int pipefd[2];
     char ready;
     c = open_cache(fx);
@@ -1163,8 +1098,8 @@ static void test_crash_safety(void **state)
         assert_int_equal(dg_piece_cache_has_range(c, b2->root, b * BLOCK, 1), 0);
     dg_piece_cache_close(c);
 
-    free_content(a);
-    free_content(b2);
+    content_free(a);
+    content_free(b2);
 }
 
 static void block_file(const struct fixture *fx, const uint8_t root[32], char *out, size_t size)
@@ -1180,8 +1115,8 @@ static void block_file(const struct fixture *fx, const uint8_t root[32], char *o
 static void test_lost_storage(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 6 * BLOCK, 17);
-    struct content *b = make_content(fx, 6 * BLOCK, 18);
+    struct content *a = content_make(fx->dir, 6 * BLOCK, 17);
+    struct content *b = content_make(fx->dir, 6 * BLOCK, 18);
     struct dg_piece_cache *c = open_cache(fx);
     uint8_t *buf = malloc(a->len);
     char path[256];
@@ -1228,8 +1163,8 @@ static void test_lost_storage(void **state)
     assert_reads_back(c, a, 0, a->len);
     dg_piece_cache_close(c);
     free(buf);
-    free_content(a);
-    free_content(b);
+    content_free(a);
+    content_free(b);
 }
 
 /* A verified block handed in after storage lost its file, but before the loss was flushed, is
@@ -1237,7 +1172,7 @@ static void test_lost_storage(void **state)
 static void test_put_after_loss(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 4 * BLOCK, 20);
+    struct content *a = content_make(fx->dir, 4 * BLOCK, 20);
     struct dg_piece_cache *c = open_cache(fx);
     uint8_t *buf = malloc(BLOCK);
     char path[256];
@@ -1261,7 +1196,7 @@ static void test_put_after_loss(void **state)
     int claimed_ok = !held || same;
     dg_piece_cache_close(c);
     free(buf);
-    free_content(a);
+    content_free(a);
     assert_true(claimed_ok);
     assert_int_equal(held, 1);
     assert_true(same);
@@ -1272,7 +1207,7 @@ static void test_put_after_loss(void **state)
 static void test_block_dir_removed(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 3 * BLOCK, 21);
+    struct content *a = content_make(fx->dir, 3 * BLOCK, 21);
     struct dg_piece_cache *c = open_cache(fx);
     uint8_t *buf = malloc(a->len);
 
@@ -1291,13 +1226,13 @@ static void test_block_dir_removed(void **state)
     assert_reads_back(c, a, 0, a->len);
     dg_piece_cache_close(c);
     free(buf);
-    free_content(a);
+    content_free(a);
 }
 
 static void test_touch_and_access_time(void **state)
 {
     struct fixture *fx = *state;
-    struct content *a = make_content(fx, 2 * BLOCK, 19);
+    struct content *a = content_make(fx->dir, 2 * BLOCK, 19);
     struct dg_piece_cache *c = open_cache(fx);
     struct dg_root_info info;
     uint8_t unknown[32] = {7};
@@ -1313,7 +1248,7 @@ static void test_touch_and_access_time(void **state)
     assert_true(info.last_access >= before);
     assert_int_equal(dg_piece_cache_root_info(c, unknown, &info), -ENOENT);
     dg_piece_cache_close(c);
-    free_content(a);
+    content_free(a);
 }
 
 int main(void)
