@@ -16,18 +16,25 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include "engine/control.h"
+#include "engine/dht_service.h"
 #include "engine/fsutil.h"
 #include "engine/hash_file.h"
 #include "engine/log.h"
 #include "engine/merkle.h"
 #include "engine/root_name.h"
 #include "engine/status.h"
+#include "engine/swarm.h"
 
 #define FLUSH_INTERVAL_MS 1000
 #define HASH_RETRIES 3       /* a file that keeps changing while read is marked failed */
 #define SCAN_DEPTH_LIMIT 256 /* deeper directories in shared/ are not scanned */
 #define EARLY_CANCELS 64     /* cancels remembered for reads that have not arrived yet */
+#define LOOKUP_TIMEOUT_MS 15000u
 
 enum msg_kind {
     MSG_WRITTEN,
@@ -39,6 +46,8 @@ enum msg_kind {
     MSG_CANCEL,
     MSG_PUT_BLOCK,
     MSG_IDLE,
+    MSG_READ_HINT,
+    MSG_LOOKUP,
 };
 
 /* One unit of work handed from another thread to the loop. */
@@ -55,6 +64,7 @@ struct msg {
     void *arg;
     uint8_t root[32];
     void *data; /* PUT_BLOCK */
+    dg_engine_lookup_cb lookup_cb;
 };
 
 /* A read waiting for blocks. */
@@ -174,6 +184,13 @@ struct dg_engine {
     pthread_mutex_t open_lock; /* guards open_roots: roots with open content handles */
     struct open_root *open_roots;
 
+    /* the swarm (loop thread), when cfg.network */
+    char *bootstrap, *peers;
+    struct dg_swarms *swarms;
+    struct dg_dht_service *dht;
+    struct dht_search *searches; /* DHT lookups running for the swarms */
+    uint16_t port;
+
     struct dg_control *control; /* the control socket, or NULL */
     char *control_path;
     int64_t started_at;
@@ -195,6 +212,7 @@ struct dg_content {
     uint64_t size; /* stat snapshot of the backing file */
     int64_t mtime_ns;
     atomic_int changed; /* backing file changed under the reader */
+    int complete;       /* every block is held (no read-ahead hints needed) */
     char *path;         /* relative path of the backing file (for rehashing) */
 };
 
@@ -204,6 +222,7 @@ static int enforce_cache_size(struct dg_engine *e, uint64_t limit);
 static void batch_open(struct dg_engine *e);
 static void batch_commit(struct dg_engine *e);
 static void remember_batched(struct dg_engine *e, const char *path);
+static void announce_all(struct dg_engine *e);
 
 /* ---------------------------------------------------------------- setup */
 
@@ -256,6 +275,16 @@ int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
         e->cfg.hash_jobs = 2;
     if (e->cfg.read_timeout_ms == 0)
         e->cfg.read_timeout_ms = 60000;
+    if (e->cfg.lookup_timeout_ms == 0)
+        e->cfg.lookup_timeout_ms = LOOKUP_TIMEOUT_MS;
+    e->cfg.bootstrap = e->cfg.peers = NULL;
+    if ((cfg->bootstrap && !(e->bootstrap = strdup(cfg->bootstrap))) ||
+        (cfg->peers && !(e->peers = strdup(cfg->peers)))) {
+        free(e->bootstrap);
+        free(e->peers);
+        free(e);
+        return -ENOMEM;
+    }
     pthread_mutex_init(&e->queue_lock, NULL);
     pthread_mutex_init(&e->open_lock, NULL);
     e->next_token = 1;
@@ -294,6 +323,8 @@ int dg_engine_new(const struct dg_engine_config *cfg, struct dg_engine **out)
 fail:
     if (e->lock_fd >= 0)
         close(e->lock_fd);
+    free(e->bootstrap);
+    free(e->peers);
     dg_piece_cache_close(e->cache);
     free(e->data_dir);
     free(e->cache_dir);
@@ -489,6 +520,44 @@ void dg_engine_cancel(struct dg_engine *e, uint64_t token)
     m->num = token;
     if (post(e, m) < 0)
         free_msg(m);
+}
+
+void dg_engine_read_hint(struct dg_engine *e, struct dg_content *c, uint64_t off, size_t len)
+{
+    struct msg *m;
+
+    if (!e->cfg.network || c->complete || c->fd >= 0)
+        return;
+    if (!(m = new_msg(MSG_READ_HINT)))
+        return;
+    memcpy(m->root, c->root, 32);
+    m->off = off;
+    m->len = len;
+    if (post(e, m) < 0)
+        free_msg(m);
+}
+
+int dg_engine_lookup_as(struct dg_engine *e, uint64_t token, const uint8_t root[32],
+                        dg_engine_lookup_cb cb, void *arg)
+{
+    struct msg *m = new_msg(MSG_LOOKUP);
+
+    if (!m)
+        return -ENOMEM;
+    m->num = token;
+    memcpy(m->root, root, 32);
+    m->lookup_cb = cb;
+    m->arg = arg;
+    if (post(e, m) < 0) {
+        free_msg(m);
+        cb(arg, -ESHUTDOWN);
+    }
+    return 0;
+}
+
+int dg_engine_networked(const struct dg_engine *e)
+{
+    return e->cfg.network;
 }
 
 /* ---------------------------------------------------------------- hashing */
@@ -786,6 +855,8 @@ static void task_finished(struct dg_engine *e, struct hash_task *task, int cance
         } else {
             dg_log(DG_LOG_DEBUG, "engine", "hashed %s: %s", task->path, hex);
             remember_batched(e, task->path);
+            if (e->swarms)
+                dg_swarms_announce(e->swarms, task->hash.root, 1);
         }
     } else {
         int err = task->status == -EAGAIN ? EBUSY : -task->status;
@@ -1037,6 +1108,8 @@ static void scan_done(uv_work_t *req, int status)
     free(f);
     free(inos);
     free(stale.gone);
+    batch_commit(e);
+    announce_all(e);
     check_idle(e);
 }
 
@@ -1141,6 +1214,10 @@ static void start_read(struct dg_engine *e, struct msg *m)
     if (waiter_try(w))
         return;
     uv_timer_start(&w->timer, waiter_timeout, e->cfg.read_timeout_ms, 0);
+    if (e->swarms) {
+        dg_swarms_read(e->swarms, w->content->root, w->off, w->len);
+        dg_swarms_want(e->swarms, w->content->root);
+    }
 }
 
 static void cancel_read(struct dg_engine *e, uint64_t token)
@@ -1151,7 +1228,10 @@ static void cancel_read(struct dg_engine *e, uint64_t token)
             return;
         }
     }
-    /* Its read may still be on its way (or done already: then this entry is never used). */
+    if (e->swarms && dg_swarms_cancel_lookup(e->swarms, token))
+        return;
+    /* Its read (or lookup) may still be on its way (or done already: then this entry is never
+     * used). */
     e->early_cancels[e->early_cancel_next++ % EARLY_CANCELS] = token;
 }
 
@@ -1186,7 +1266,330 @@ static void put_block(struct dg_engine *e, struct msg *m)
                hex, strerror(-rc));
         return;
     }
+    if (e->swarms)
+        dg_swarms_block_stored(e->swarms, m->root, m->num);
     wake_waiters(e, m->root);
+}
+
+/* ---------------------------------------------------------------- the swarm */
+
+/* A DHT lookup run for the swarms: its results go to the swarm of @c key. */
+struct dht_search {
+    struct dg_engine *e;
+    uint8_t key[20];
+    struct dht_search *prev, *next;
+};
+
+static void dht_search_unlink(struct dg_engine *e, struct dht_search *ds)
+{
+    if (ds->prev)
+        ds->prev->next = ds->next;
+    else
+        e->searches = ds->next;
+    if (ds->next)
+        ds->next->prev = ds->prev;
+}
+
+static void dht_found(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n,
+                      int done)
+{
+    struct dht_search *ds = arg;
+
+    (void)id;
+    if (n > 0 && ds->e->swarms)
+        dg_swarms_found(ds->e->swarms, ds->key, peers, n);
+    if (done) {
+        dht_search_unlink(ds->e, ds);
+        free(ds);
+    }
+}
+
+static int host_dht_lookup(void *arg, const uint8_t key[20], uint16_t announce_port)
+{
+    struct dg_engine *e = arg;
+    struct dht_search *ds;
+    int rc;
+
+    if (!e->dht)
+        return -ENOTCONN;
+    struct dg_dht_stats st;
+    dg_dht_service_stats(e->dht, &st);
+    if (st.nodes == 0)
+        return -EAGAIN;
+    if (!(ds = calloc(1, sizeof(*ds))))
+        return -ENOMEM;
+    ds->e = e;
+    memcpy(ds->key, key, 20);
+    ds->next = e->searches;
+    if (e->searches)
+        e->searches->prev = ds;
+    e->searches = ds;
+    rc = dg_dht_service_get_peers(e->dht, key, announce_port, dht_found, ds, NULL);
+    if (rc < 0) {
+        dht_search_unlink(e, ds);
+        free(ds);
+        return rc;
+    }
+    return st.good < DG_DHT_K ? 1 : 0;
+}
+
+static size_t host_dht_nodes(void *arg)
+{
+    struct dg_engine *e = arg;
+    struct dg_dht_stats st;
+
+    if (!e->dht)
+        return 0;
+    dg_dht_service_stats(e->dht, &st);
+    /* While bootstrap nodes are configured, the table may simply not be filled yet. */
+    if (st.nodes == 0 && e->bootstrap && strcmp(e->bootstrap, "none") != 0)
+        return 1;
+    if (st.nodes == 0 && !e->bootstrap)
+        return 1; /* the default routers */
+    return st.nodes;
+}
+
+static void host_commit(void *arg)
+{
+    batch_commit(arg);
+}
+
+static void host_stored(void *arg, const uint8_t root[32])
+{
+    struct dg_engine *e = arg;
+
+    batch_commit(e); /* what the swarm recorded becomes visible to readers first */
+    wake_waiters(e, root);
+}
+
+static int host_open(void *arg, const uint8_t root[32], struct dg_content **out)
+{
+    return dg_engine_open(arg, root, out);
+}
+
+static void host_each_wanted(void *arg, const uint8_t root[32],
+                             void (*fn)(void *ctx, uint64_t off, uint64_t len), void *ctx)
+{
+    struct dg_engine *e = arg;
+
+    for (struct waiter *w = e->waiters; w; w = w->next)
+        if (memcmp(w->content->root, root, 32) == 0)
+            fn(ctx, w->off, w->len);
+}
+
+/* Checks that TCP and UDP @p port (0: any) can both be bound. @return the port or -errno. */
+static int probe_port(uint16_t port)
+{
+    struct sockaddr_in a = {0};
+    socklen_t len = sizeof(a);
+    int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int u = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int one = 1, rc = 0;
+
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    if (t < 0 || u < 0)
+        rc = -errno;
+    if (rc == 0)
+        setsockopt(t, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (rc == 0 && bind(t, (struct sockaddr *)&a, sizeof(a)) < 0)
+        rc = -errno;
+    if (rc == 0 && getsockname(t, (struct sockaddr *)&a, &len) < 0)
+        rc = -errno;
+    if (rc == 0 && bind(u, (struct sockaddr *)&a, sizeof(a)) < 0)
+        rc = -errno;
+    if (rc == 0)
+        rc = ntohs(a.sin_port);
+    if (t >= 0)
+        close(t);
+    if (u >= 0)
+        close(u);
+    return rc;
+}
+
+/* The port: the configured one, else the one kept in <data_dir>/port if it is free, else a
+ * new one (kept there for next time). @return the port or -errno. */
+static int choose_port(struct dg_engine *e)
+{
+    char *path = join_path(e->data_dir, "port");
+    int rc;
+
+    if (!path)
+        return -ENOMEM;
+    if (e->cfg.port) {
+        rc = probe_port(e->cfg.port);
+    } else {
+        FILE *f = fopen(path, "r");
+        unsigned saved = 0;
+        rc = -ENOENT;
+        if (f) {
+            if (fscanf(f, "%u", &saved) == 1 && saved > 0 && saved < 65536)
+                rc = probe_port((uint16_t)saved);
+            fclose(f);
+        }
+        for (int tries = 0; rc < 0 && tries < 10; tries++)
+            rc = probe_port(0);
+        if (rc > 0 && (unsigned)rc != saved) {
+            char tmp[4200];
+            snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+            f = fopen(tmp, "w");
+            if (f) {
+                fprintf(f, "%d\n", rc);
+                if (fclose(f) == 0)
+                    rename(tmp, path);
+                else
+                    unlink(tmp);
+            }
+        }
+    }
+    free(path);
+    return rc;
+}
+
+/* Starts the DHT and the peer listener on the loop (before the loop thread runs).
+ * @return 0 or -errno. */
+static int start_network(struct dg_engine *e)
+{
+    struct dg_dht_service_config dc = {0};
+    struct dg_swarms_config sc = {0};
+    char *state;
+    int rc = -EADDRINUSE;
+
+    for (int tries = 0; tries < 5 && rc == -EADDRINUSE; tries++) {
+        int port = choose_port(e);
+        if (port < 0)
+            return port;
+        dc.port = (uint16_t)port;
+        dc.bootstrap = e->bootstrap ? e->bootstrap : DG_DHT_DEFAULT_BOOTSTRAP;
+        state = join_path(e->data_dir, "dht.state");
+        if (!state)
+            return -ENOMEM;
+        dc.state_path = state;
+        rc = dg_dht_service_start(&e->loop, &dc, &e->dht);
+        free(state);
+        if (rc < 0)
+            continue;
+        sc.loop = &e->loop;
+        sc.cache = e->cache;
+        sc.host.arg = e;
+        sc.host.commit = host_commit;
+        sc.host.dht_nodes = host_dht_nodes;
+        sc.host.stored = host_stored;
+        sc.host.open = host_open;
+        sc.host.each_wanted = host_each_wanted;
+        sc.host.dht_lookup = host_dht_lookup;
+        memcpy(sc.node_id, dg_dht_service_id(e->dht), 20);
+        sc.port = (uint16_t)port;
+        sc.peers = e->peers;
+        sc.lookup_timeout_ms = e->cfg.lookup_timeout_ms;
+        rc = dg_swarms_start(&sc, &e->swarms);
+        if (rc < 0) {
+            dg_dht_service_stop(e->dht, NULL, NULL);
+            e->dht = NULL;
+            if (e->cfg.port)
+                break;
+        }
+    }
+    if (rc < 0)
+        return rc;
+    e->port = dg_swarms_port(e->swarms);
+    dg_log(DG_LOG_INFO, "engine", "listening on port %u (TCP and UDP)", e->port);
+    return 0;
+}
+
+static void stop_network(struct dg_engine *e)
+{
+    if (e->swarms)
+        dg_swarms_stop(e->swarms, NULL, NULL);
+    e->swarms = NULL;
+    if (e->dht)
+        dg_dht_service_stop(e->dht, NULL, NULL);
+    e->dht = NULL;
+    while (e->searches) {
+        struct dht_search *ds = e->searches;
+        e->searches = ds->next;
+        free(ds);
+    }
+}
+
+/* Announces @p root if it is held completely (by a shared file, or by the cache when
+ * announce_cached is set), and stops announcing it when it is not held any more. */
+static void announce_root(struct dg_engine *e, const uint8_t root[32])
+{
+    struct dg_root_info info;
+    int on = 0;
+
+    if (!e->swarms)
+        return;
+    if (dg_piece_cache_root_info(e->cache, root, &info) == 0)
+        on = info.shared_files > 0 ||
+             (e->cfg.announce_cached && info.blocks_cached == info.blocks_total);
+    dg_swarms_announce(e->swarms, root, on);
+}
+
+/* Announces every root held completely (at start). */
+static void announce_all(struct dg_engine *e)
+{
+    uint8_t roots[32 * 256], last[32];
+    const uint8_t *after = NULL;
+    size_t n;
+
+    if (!e->swarms)
+        return;
+    do {
+        if (dg_piece_cache_list_roots(e->cache, after, roots, 256, &n) < 0)
+            break;
+        for (size_t i = 0; i < n; i++)
+            announce_root(e, roots + 32 * i);
+        if (n > 0) {
+            memcpy(last, roots + 32 * (n - 1), 32);
+            after = last;
+        }
+    } while (n == 256);
+}
+
+/* A lookup handed to the swarm. */
+struct lookup_req {
+    struct dg_engine *e;
+    dg_engine_lookup_cb cb;
+    void *arg;
+};
+
+static void lookup_done(void *arg, int status)
+{
+    struct lookup_req *l = arg;
+
+    batch_commit(l->e); /* the root's record is visible before the answer */
+    l->cb(l->arg, status);
+    free(l);
+}
+
+static void start_lookup(struct dg_engine *e, struct msg *m)
+{
+    struct dg_root_info info;
+    struct lookup_req *l;
+
+    if (cancelled_early(e, m->num)) {
+        m->lookup_cb(m->arg, -EINTR);
+        return;
+    }
+    batch_commit(e);
+    if (dg_piece_cache_root_info(e->cache, m->root, &info) == 0) {
+        m->lookup_cb(m->arg, 0);
+        return;
+    }
+    if (!e->swarms) {
+        m->lookup_cb(m->arg, -ENOENT);
+        return;
+    }
+    if (!(l = malloc(sizeof(*l)))) {
+        m->lookup_cb(m->arg, -ENOMEM);
+        return;
+    }
+    l->e = e;
+    l->cb = m->lookup_cb;
+    l->arg = m->arg;
+    dg_swarms_lookup(e->swarms, m->root, m->num, lookup_done, l);
 }
 
 /* ---------------------------------------------------------------- loop */
@@ -1235,13 +1638,20 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
         if (rc == -ESTALE || (rc == -ENOENT && !find_task(e, m->path)))
             queue_hash(e, m->path);
         break;
-    case MSG_REMOVED:
+    case MSG_REMOVED: {
+        struct dg_shared_file *f = malloc(sizeof(*f));
+        int had = f && dg_piece_cache_shared_get(e->cache, m->num, f) == 0 &&
+                  f->state == DG_SHARED_HASHED;
         dg_piece_cache_shared_remove(e->cache, m->num);
+        if (had)
+            announce_root(e, f->root);
+        free(f);
         if (m->idle_fn) {
             batch_commit(e);
             m->idle_fn(m->arg);
         }
         break;
+    }
     case MSG_RENAMED: {
         size_t from_len = strlen(m->path);
         if (m->num)
@@ -1283,6 +1693,13 @@ static void handle_msg(struct dg_engine *e, struct msg *m)
         batch_commit(e); /* block bits are published by the cache's own commits */
         put_block(e, m);
         break;
+    case MSG_READ_HINT:
+        if (e->swarms)
+            dg_swarms_read(e->swarms, m->root, m->off, m->len);
+        break;
+    case MSG_LOOKUP:
+        start_lookup(e, m);
+        break;
     case MSG_IDLE: {
         struct idle_waiter *w = malloc(sizeof(*w));
         if (!w) {
@@ -1307,6 +1724,7 @@ static void shut_down(struct dg_engine *e)
     uv_close((uv_handle_t *)&e->batch_timer, NULL);
     dg_control_stop(e->control);
     e->control = NULL;
+    stop_network(e);
     while (e->waiters)
         waiter_finish(e->waiters, -ESHUTDOWN, NULL);
     while (e->idle_waiters) {
@@ -1464,6 +1882,58 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
         s->open_count = 0;
         return -ENOMEM;
     }
+    if (e->swarms) {
+        struct dg_swarm_stats st;
+        struct dg_dht_stats ds;
+        struct sockaddr_storage ext;
+        struct dg_status_network *net = &s->network;
+        s->has_network = 1;
+        net->port = e->port;
+        dg_swarms_stats(e->swarms, &st);
+        net->peers = st.peers;
+        net->bytes_in = st.bytes_in;
+        net->bytes_out = st.bytes_out;
+        net->blocks_in = st.blocks_in;
+        net->blocks_out = st.blocks_out;
+        net->banned = st.banned;
+        net->malformed = st.malformed;
+        net->announces = st.announces;
+        if (e->dht) {
+            dg_dht_service_stats(e->dht, &ds);
+            net->dht_nodes = ds.nodes;
+            net->dht_good = ds.good;
+            net->dht_searches = ds.searches;
+            net->dht_stored = ds.stored_peers;
+            net->dht_malformed = ds.malformed;
+            if (dg_dht_service_external(e->dht, &ext) == 0 && ext.ss_family == AF_INET) {
+                char ip[INET_ADDRSTRLEN];
+                const struct sockaddr_in *a = (const struct sockaddr_in *)&ext;
+                inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
+                snprintf(net->public_address, sizeof(net->public_address), "%s:%u", ip,
+                         ntohs(a->sin_port));
+            }
+        }
+        struct dg_swarm_info *list = calloc(st.swarms ? st.swarms : 1, sizeof(*list));
+        if (list) {
+            size_t count = dg_swarms_list(e->swarms, list, st.swarms);
+            s->swarms = calloc(count ? count : 1, sizeof(*s->swarms));
+            if (s->swarms) {
+                s->swarm_count = count;
+                for (size_t k = 0; k < count; k++) {
+                    struct dg_status_swarm *w = &s->swarms[k];
+                    memcpy(w->root, list[k].root, 32);
+                    w->known = list[k].known;
+                    w->length = list[k].length;
+                    w->blocks_held = list[k].blocks_held;
+                    w->blocks_total = list[k].blocks_total;
+                    w->peers = list[k].peers;
+                    w->bytes_in = list[k].bytes_in;
+                    w->bytes_out = list[k].bytes_out;
+                }
+            }
+            free(list);
+        }
+    }
     for (i = 0; i < s->open_count; i++) {
         struct dg_root_info info;
         if (dg_piece_cache_root_info(e->cache, s->open[i].root, &info) < 0)
@@ -1485,6 +1955,8 @@ static char *pin_request(struct dg_engine *e, const char *hex, int pinned)
     if (dg_root_parse(hex, strlen(hex), root) < 0)
         return strdup("{\"error\":\"not a root\"}");
     rc = dg_piece_cache_set_pinned(e->cache, root, pinned);
+    if (rc == 0 && e->swarms)
+        dg_swarms_set_pinned(e->swarms, root, pinned);
     if (rc == 0)
         return strdup("{\"ok\":true}");
     snprintf(reply, sizeof(reply), "{\"error\":\"%s\"}",
@@ -1558,6 +2030,17 @@ int dg_engine_start(struct dg_engine *e)
     scan->work.data = scan;
     e->scanning = 1;
     e->started_at = (int64_t)time(NULL);
+    if (e->cfg.network && (rc = start_network(e)) < 0) {
+        dg_log(DG_LOG_ERROR, "engine", "cannot listen on port %u: %s", e->cfg.port, strerror(-rc));
+        free(scan);
+        uv_close((uv_handle_t *)&e->wake, NULL);
+        uv_close((uv_handle_t *)&e->flush_timer, NULL);
+        uv_close((uv_handle_t *)&e->batch_timer, NULL);
+        stop_network(e);
+        uv_run(&e->loop, UV_RUN_DEFAULT);
+        uv_loop_close(&e->loop);
+        return rc;
+    }
     start_control(e);
     /* Queued now, run by the pool once the loop thread is up. */
     rc = uv_queue_work(&e->loop, &scan->work, scan_work, scan_done);
@@ -1573,6 +2056,7 @@ int dg_engine_start(struct dg_engine *e)
     e->shutting_down = 1;
     dg_control_stop(e->control);
     e->control = NULL;
+    stop_network(e);
     uv_close((uv_handle_t *)&e->wake, NULL);
     uv_close((uv_handle_t *)&e->flush_timer, NULL);
     uv_close((uv_handle_t *)&e->batch_timer, NULL);
@@ -1616,6 +2100,8 @@ void dg_engine_free(struct dg_engine *e)
         if (m->kind == MSG_READ) {
             m->read_cb(m->arg, -ESHUTDOWN, NULL);
             dg_content_unref(m->content);
+        } else if (m->kind == MSG_LOOKUP) {
+            m->lookup_cb(m->arg, -ESHUTDOWN);
         }
         free_msg(m);
     }
@@ -1627,6 +2113,8 @@ void dg_engine_free(struct dg_engine *e)
     free(e->shared_dir);
     free(e->index_dir);
     free(e->control_path);
+    free(e->bootstrap);
+    free(e->peers);
     pthread_mutex_destroy(&e->queue_lock);
     pthread_mutex_destroy(&e->open_lock);
     free(e);
@@ -1776,6 +2264,7 @@ int dg_engine_open(struct dg_engine *e, const uint8_t root[32], struct dg_conten
         return -ENOMEM;
     }
     dg_piece_cache_touch(e->cache, root);
+    c->complete = info.shared_files > 0 || info.blocks_cached == info.blocks_total;
     *out = c;
     return 0;
 }

@@ -31,6 +31,14 @@ struct dg_engine_config {
     uint64_t cache_size;      /* bytes of block storage allowed (0: unlimited) */
     uint32_t read_timeout_ms; /* a read waiting for data fails with -ETIMEDOUT after this */
     uint32_t hash_jobs;       /* shared files hashed at once (0: 2) */
+    /* The swarm. With network 0 the engine is a local store only (unit tests, tools). */
+    int network;
+    uint16_t port;              /* TCP and UDP port; 0: the one used last time, else any */
+    const char *bootstrap;      /* DHT bootstrap "HOST:PORT[+...]", "none"; NULL: the public
+                                 * routers (DG_DHT_DEFAULT_BOOTSTRAP) */
+    const char *peers;          /* "HOST:PORT[+...]" asked for every root, or NULL */
+    uint32_t lookup_timeout_ms; /* a lookup of an unknown root fails after this (0: 15 s) */
+    int announce_cached;        /* also announce roots held completely in the cache */
 };
 
 /* Completion of dg_engine_read(): @p status is the byte count (>= 0) with @p data valid only
@@ -154,8 +162,28 @@ uint64_t dg_engine_read_token(struct dg_engine *e);
 int dg_engine_read_as(struct dg_engine *e, uint64_t token, struct dg_content *c, uint64_t off,
                       size_t len, dg_engine_read_cb cb, void *arg);
 
-/* Cancels a read started by dg_engine_read(): its callback gets -EINTR unless it ran already. */
+/* Cancels a read started by dg_engine_read(), or a lookup started by dg_engine_lookup_as(): its
+ * callback gets -EINTR unless it ran already. */
 void dg_engine_cancel(struct dg_engine *e, uint64_t token);
+
+/* Tells the engine that a reader read [off, off + len) of @p c from held data, so that the
+ * read-ahead of a root still being fetched follows it. Cheap: nothing is posted for content
+ * held completely. Any thread. */
+void dg_engine_read_hint(struct dg_engine *e, struct dg_content *c, uint64_t off, size_t len);
+
+/* Completion of dg_engine_lookup_as(): 0 when the root is known (dg_engine_root_info() answers
+ * for it), -ENOENT (not found within the lookup timeout, or no network), -EINTR (cancelled),
+ * -ESHUTDOWN, -ENOMEM. Runs on the engine thread. */
+typedef void (*dg_engine_lookup_cb)(void *arg, int status);
+
+/* Looks @p root up in the swarm: its length and piece layer are fetched from peers and
+ * verified. @p token (from dg_engine_read_token()) lets dg_engine_cancel() end it.
+ * @return 0 (cb will be called exactly once) or -ENOMEM (it will not). Any thread. */
+int dg_engine_lookup_as(struct dg_engine *e, uint64_t token, const uint8_t root[32],
+                        dg_engine_lookup_cb cb, void *arg);
+
+/* Whether the engine runs the swarm (lookups can find unknown roots). */
+int dg_engine_networked(const struct dg_engine *e);
 
 /* Takes another reference to @p c. */
 void dg_content_ref(struct dg_content *c);

@@ -557,6 +557,50 @@ static int blocks_held(struct dg_piece_cache *c, MDB_txn *txn, const uint8_t roo
     return 1;
 }
 
+int dg_piece_cache_held_bits(struct dg_piece_cache *c, const uint8_t root[32], uint8_t *bits,
+                             uint64_t nblocks)
+{
+    struct dg_root_record rec;
+    uint8_t k[40];
+    MDB_val key = {40, k}, val;
+    MDB_txn *txn;
+    int rc;
+
+    memset(bits, 0, (size_t)((nblocks + 7) / 8));
+    if ((rc = read_txn(c, &txn)) < 0)
+        return rc;
+    if ((rc = get_root(txn, c, root, &rec)) < 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    if (dg_merkle_block_count(rec.length) != nblocks) {
+        mdb_txn_abort(txn);
+        return -EINVAL;
+    }
+    for (uint64_t chunk = 0; chunk * HAVE_CHUNK_BITS < nblocks; chunk++) {
+        link_key(k, root, chunk);
+        if (mdb_get(txn, c->have, &key, &val) != 0 || val.mv_size != HAVE_CHUNK_BYTES)
+            continue;
+        uint64_t first = chunk * HAVE_CHUNK_BITS;
+        uint64_t n = nblocks - first < HAVE_CHUNK_BITS ? nblocks - first : HAVE_CHUNK_BITS;
+        const uint8_t *have = val.mv_data;
+        for (uint64_t i = 0; i < n; i++)
+            if (have[i / 8] >> (i % 8) & 1)
+                bits[(first + i) / 8] |= (uint8_t)(1u << ((first + i) % 8));
+    }
+    mdb_txn_abort(txn);
+    pthread_mutex_lock(&c->lock);
+    for (struct pending_root *p = c->pending; p; p = p->next) {
+        if (memcmp(p->root, root, 32) != 0)
+            continue;
+        for (size_t i = 0; i < p->count; i++)
+            if (p->blocks[i] < nblocks)
+                bits[p->blocks[i] / 8] |= (uint8_t)(1u << (p->blocks[i] % 8));
+    }
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
 static void block_path(struct dg_piece_cache *c, const uint8_t root[32], char *buf, size_t size)
 {
     char hex[DG_ROOT_HEX_LEN + 1];
@@ -1039,6 +1083,61 @@ static int leaf_hash(struct dg_piece_cache *c, MDB_txn *txn, const uint8_t root[
         return -EIO;
     memcpy(out, (const uint8_t *)val.mv_data + 32 * i, 32);
     return 0;
+}
+
+int dg_piece_cache_leaves(struct dg_piece_cache *c, const uint8_t root[32], uint64_t piece,
+                          uint8_t *out, uint64_t cap, uint64_t *count)
+{
+    struct dg_root_record rec;
+    MDB_txn *txn;
+    MDB_val val;
+    int rc;
+
+    if ((rc = read_txn(c, &txn)) < 0)
+        return rc;
+    if ((rc = get_root(txn, c, root, &rec)) < 0)
+        goto done;
+    uint64_t per_piece = rec.piece_size / DG_MERKLE_BLOCK_SIZE;
+    uint64_t blocks = dg_merkle_block_count(rec.length);
+    if (piece * per_piece >= blocks) {
+        rc = -EINVAL;
+        goto done;
+    }
+    uint64_t n = blocks - piece * per_piece < per_piece ? blocks - piece * per_piece : per_piece;
+    if (n > cap) {
+        rc = -ENOBUFS;
+        goto done;
+    }
+    if (per_piece == 1) {
+        if ((rc = get_layer(txn, c, root, &val)) < 0)
+            goto done;
+        if (piece >= val.mv_size / 32) {
+            rc = -EIO;
+            goto done;
+        }
+        memcpy(out, (const uint8_t *)val.mv_data + 32 * piece, 32);
+    } else {
+        uint8_t k[40];
+        MDB_val key = {40, k};
+        link_key(k, root, piece);
+        rc = mdb_get(txn, c->leaves, &key, &val);
+        if (rc == MDB_NOTFOUND) {
+            rc = -ENODATA;
+            goto done;
+        }
+        if ((rc = map_mdb_error(rc)) < 0)
+            goto done;
+        if (val.mv_size != n * 32) {
+            rc = -EIO;
+            goto done;
+        }
+        memcpy(out, val.mv_data, val.mv_size);
+    }
+    *count = n;
+    rc = 0;
+done:
+    mdb_txn_abort(txn);
+    return rc;
 }
 
 static struct pending_root *pending_for(struct dg_piece_cache *c, const uint8_t root[32])

@@ -103,6 +103,19 @@ int dg_piece_cache_layer(struct dg_piece_cache *c, const uint8_t root[32], uint8
 ssize_t dg_piece_cache_read(struct dg_piece_cache *c, const uint8_t root[32], void *buf, size_t len,
                             uint64_t off);
 
+/* Fills @p bits with the blocks of @p root held in block storage (committed or pending): bit b
+ * is bits[b / 8] >> (b % 8) & 1. @p nblocks must be the root's block count.
+ * @return 0, -ENOENT (unknown root), -EINVAL (wrong count), -EIO. Any thread. */
+int dg_piece_cache_held_bits(struct dg_piece_cache *c, const uint8_t root[32], uint8_t *bits,
+                             uint64_t nblocks);
+
+/* The verified leaf hashes of piece @p piece of @p root (from the piece layer when pieces are
+ * one block). @param[out] out  room for @p cap hashes; @param[out] count  how many were written.
+ * @return 0; -ENOENT (unknown root); -ENODATA (not known yet); -EINVAL (no such piece);
+ *         -ENOBUFS; -EIO. Any thread. */
+int dg_piece_cache_leaves(struct dg_piece_cache *c, const uint8_t root[32], uint64_t piece,
+                          uint8_t *out, uint64_t cap, uint64_t *count);
+
 /* 1 if every block of [off, off+len) of @p root is held in block storage, else 0. */
 int dg_piece_cache_has_range(struct dg_piece_cache *c, const uint8_t root[32], uint64_t off,
                              uint64_t len);

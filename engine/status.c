@@ -52,7 +52,50 @@ char *dg_status_to_json(const struct dg_status *s)
             cJSON_AddItemToArray(open, e);
         }
     }
-    cJSON_AddNullToObject(root, "network");
+    if (!s->has_network) {
+        cJSON_AddNullToObject(root, "network");
+    } else if ((o = cJSON_AddObjectToObject(root, "network"))) {
+        const struct dg_status_network *n = &s->network;
+        cJSON *d;
+        add_u64(o, "port", n->port);
+        if ((d = cJSON_AddObjectToObject(o, "dht"))) {
+            add_u64(d, "nodes", n->dht_nodes);
+            add_u64(d, "good", n->dht_good);
+            add_u64(d, "searches", n->dht_searches);
+            add_u64(d, "stored_peers", n->dht_stored);
+            add_u64(d, "malformed", n->dht_malformed);
+        }
+        if (n->public_address[0])
+            cJSON_AddStringToObject(o, "public_address", n->public_address);
+        else
+            cJSON_AddNullToObject(o, "public_address");
+        add_u64(o, "peers", n->peers);
+        add_u64(o, "bytes_in", n->bytes_in);
+        add_u64(o, "bytes_out", n->bytes_out);
+        add_u64(o, "blocks_in", n->blocks_in);
+        add_u64(o, "blocks_out", n->blocks_out);
+        add_u64(o, "banned", n->banned);
+        add_u64(o, "malformed", n->malformed);
+        add_u64(o, "announces", n->announces);
+    }
+    if ((open = cJSON_AddArrayToObject(root, "swarms"))) {
+        for (size_t i = 0; i < s->swarm_count; i++) {
+            const struct dg_status_swarm *w = &s->swarms[i];
+            cJSON *e = cJSON_CreateObject();
+            if (!e)
+                break;
+            dg_root_format(w->root, hex);
+            cJSON_AddStringToObject(e, "root", hex);
+            cJSON_AddBoolToObject(e, "known", w->known);
+            add_u64(e, "length", w->length);
+            add_u64(e, "blocks_held", w->blocks_held);
+            add_u64(e, "blocks_total", w->blocks_total);
+            add_u64(e, "peers", w->peers);
+            add_u64(e, "bytes_in", w->bytes_in);
+            add_u64(e, "bytes_out", w->bytes_out);
+            cJSON_AddItemToArray(open, e);
+        }
+    }
     out = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     return out;
@@ -63,4 +106,7 @@ void dg_status_clear(struct dg_status *s)
     free(s->open);
     s->open = NULL;
     s->open_count = 0;
+    free(s->swarms);
+    s->swarms = NULL;
+    s->swarm_count = 0;
 }

@@ -17,6 +17,34 @@ struct dg_status_root {
     unsigned readers; /* open content handles */
 };
 
+/* One swarm: a root fetched or served over the network. */
+struct dg_status_swarm {
+    uint8_t root[32];
+    int known; /* its length and piece layer are verified */
+    uint64_t length;
+    uint64_t blocks_held;
+    uint64_t blocks_total;
+    uint64_t peers;
+    uint64_t bytes_in, bytes_out;
+};
+
+/* The node on the network. */
+struct dg_status_network {
+    unsigned port;           /* TCP and UDP */
+    uint64_t dht_nodes;      /* routing table entries */
+    uint64_t dht_good;       /* ... that answered recently */
+    uint64_t dht_searches;   /* lookups running */
+    uint64_t dht_stored;     /* peers stored for others */
+    uint64_t dht_malformed;  /* datagrams dropped as malformed */
+    char public_address[64]; /* learned from DHT replies ("ip:port"), or "" */
+    uint64_t peers;          /* connected, all swarms */
+    uint64_t bytes_in, bytes_out;
+    uint64_t blocks_in, blocks_out;
+    uint64_t banned;    /* addresses banned for bad data */
+    uint64_t malformed; /* connections closed for breaking the protocol */
+    uint64_t announces;
+};
+
 struct dg_status {
     const char *version;
     const char *data_dir;
@@ -32,15 +60,22 @@ struct dg_status {
     uint64_t reads_waiting; /* reads waiting for blocks */
     size_t open_count;
     struct dg_status_root *open; /* open_count entries, owned by the snapshot */
+    int has_network;
+    struct dg_status_network network;
+    size_t swarm_count;
+    struct dg_status_swarm *swarms; /* swarm_count entries, owned by the snapshot */
 };
 
 /* The JSON object for @p s, NUL-terminated, malloc'd (free() it); NULL when out of memory.
  * Keys: version, uptime_s, data_dir, cache_dir, shared {files, hashed, failed, hash_queue},
  * roots {held}, cache {bytes, limit}, reads {waiting}, open [{root, length, blocks_held,
- * blocks_total, readers}], network (null until the swarm exists). */
+ * blocks_total, readers}], network (null without one: {port, dht {nodes, good, searches,
+ * stored_peers, malformed}, public_address (string or null), peers, bytes_in, bytes_out,
+ * blocks_in, blocks_out, banned, malformed, announces}), swarms [{root, known, length,
+ * blocks_held, blocks_total, peers, bytes_in, bytes_out}]. */
 char *dg_status_to_json(const struct dg_status *s);
 
-/* Frees what a snapshot owns (the open array). */
+/* Frees what a snapshot owns (the open and swarms arrays). */
 void dg_status_clear(struct dg_status *s);
 
 #endif

@@ -435,16 +435,15 @@ static void lookup_byname(fuse_req_t req, struct dg_node *parent, const char *na
     reply_node(req, n, 0.0, 0.0);
 }
 
-static void lookup_byhash(fuse_req_t req, const char *name)
+/* Replies to a by-hash lookup of a root the index knows. */
+static void reply_byhash(fuse_req_t req, const uint8_t root[32])
 {
     struct dg_fs *fs = fs_of(req);
     struct dg_root_info info;
     struct dg_content *c;
     struct dg_node *n;
-    uint8_t root[32];
 
-    if (dg_root_parse(name, strlen(name), root) < 0 ||
-        dg_engine_root_info(fs->engine, root, &info) < 0) {
+    if (dg_engine_root_info(fs->engine, root, &info) < 0) {
         fuse_reply_err(req, ENOENT);
         return;
     }
@@ -464,6 +463,59 @@ static void lookup_byhash(fuse_req_t req, const char *name)
     memcpy(n->root, root, 32);
     n->length = info.length;
     reply_node(req, n, BYHASH_ENTRY_TIMEOUT, BYHASH_ATTR_TIMEOUT);
+}
+
+/* A lookup of a root this node does not hold, waiting on the swarm. */
+struct pending_lookup {
+    fuse_req_t req;
+    uint8_t root[32];
+};
+
+static void lookup_done(void *arg, int status)
+{
+    struct pending_lookup *pl = arg;
+
+    if (status == 0)
+        reply_byhash(pl->req, pl->root);
+    else
+        fuse_reply_err(pl->req, status == -EINTR ? EINTR : status == -ENOMEM ? ENOMEM : ENOENT);
+    free(pl);
+}
+
+static void lookup_interrupted(fuse_req_t req, void *data)
+{
+    dg_engine_cancel(fs_of(req)->engine, (uint64_t)(uintptr_t)data);
+}
+
+static void lookup_byhash(fuse_req_t req, const char *name)
+{
+    struct dg_fs *fs = fs_of(req);
+    struct dg_root_info info;
+    struct pending_lookup *pl;
+    uint8_t root[32];
+    uint64_t token;
+
+    if (dg_root_parse(name, strlen(name), root) < 0) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (dg_engine_root_info(fs->engine, root, &info) == 0 || !dg_engine_networked(fs->engine)) {
+        reply_byhash(req, root);
+        return;
+    }
+    /* Not held: the swarm is asked, and the engine answers (found, timeout or interrupt). */
+    if (!(pl = malloc(sizeof(*pl)))) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    pl->req = req;
+    memcpy(pl->root, root, 32);
+    token = dg_engine_read_token(fs->engine);
+    fuse_req_interrupt_func(req, lookup_interrupted, (void *)(uintptr_t)token);
+    if (dg_engine_lookup_as(fs->engine, token, root, lookup_done, pl) < 0) {
+        free(pl);
+        fuse_reply_err(req, ENOMEM);
+    }
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -967,6 +1019,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         }
         got = dg_content_read(c, buf, size, (uint64_t)off);
         if (got >= 0) {
+            dg_engine_read_hint(fs->engine, c, (uint64_t)off, (size_t)got);
             fuse_reply_buf(req, buf, (size_t)got);
             return;
         }

@@ -26,6 +26,12 @@ static int run_mount(struct dg_options *o, int report_fd)
         .cache_dir = o->cache_dir,
         .cache_size = o->cache_size,
         .read_timeout_ms = o->read_timeout_ms,
+        .network = !o->offline,
+        .port = o->port,
+        .bootstrap = o->bootstrap,
+        .peers = o->peers,
+        .lookup_timeout_ms = o->lookup_timeout_ms,
+        .announce_cached = o->announce_cached,
     };
     struct dg_engine *engine = NULL;
     struct dg_fs *fs = NULL;

@@ -7,7 +7,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "engine/dht_service.h"
 #include "engine/log.h"
+#include "engine/swarm.h"
 
 int dg_parse_size(const char *s, uint64_t *out)
 {
@@ -150,7 +152,8 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
 
 #define IS(name) (klen == sizeof(name) - 1 && memcmp(opt, name, klen) == 0)
     if (IS("data_dir") || IS("cache_dir") || IS("cache_size") || IS("read_timeout") ||
-        IS("log_level")) {
+        IS("log_level") || IS("port") || IS("bootstrap") || IS("peers") || IS("lookup_timeout") ||
+        IS("announce_cached")) {
         if (!value) {
             snprintf(err, errlen, "option %.*s needs a value", (int)klen, opt);
             return -EINVAL;
@@ -172,6 +175,55 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
             snprintf(err, errlen, "bad read_timeout '%s' (seconds, e.g. 30 or 0.5)", value);
             return -EINVAL;
         }
+        return 0;
+    }
+    if (IS("lookup_timeout")) {
+        if (dg_parse_seconds(value, &o->lookup_timeout_ms) < 0) {
+            snprintf(err, errlen, "bad lookup_timeout '%s' (seconds, e.g. 15 or 0.5)", value);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (IS("port")) {
+        char *end;
+        unsigned long v = strtoul(value, &end, 10);
+        if (!*value || *end || strspn(value, "0123456789") != strlen(value) || v > 65535) {
+            snprintf(err, errlen, "bad port '%s' (0 to 65535; 0 picks one)", value);
+            return -EINVAL;
+        }
+        o->port = (uint16_t)v;
+        return 0;
+    }
+    if (IS("bootstrap")) {
+        if (dg_dht_service_parse_bootstrap(value) < 0) {
+            snprintf(err, errlen, "bad bootstrap '%s' (HOST:PORT[+HOST:PORT...] or none)", value);
+            return -EINVAL;
+        }
+        free(o->bootstrap);
+        return (o->bootstrap = strdup(value)) ? 0 : -ENOMEM;
+    }
+    if (IS("peers")) {
+        struct sockaddr_storage one;
+        if (dg_swarms_parse_peers(value, &one, 1) < 0) {
+            snprintf(err, errlen, "bad peers '%s' (IP:PORT[+IP:PORT...], IPv6 in brackets)", value);
+            return -EINVAL;
+        }
+        free(o->peers);
+        return (o->peers = strdup(value)) ? 0 : -ENOMEM;
+    }
+    if (IS("announce_cached")) {
+        if (strcmp(value, "yes") == 0 || strcmp(value, "1") == 0)
+            o->announce_cached = 1;
+        else if (strcmp(value, "no") == 0 || strcmp(value, "0") == 0)
+            o->announce_cached = 0;
+        else {
+            snprintf(err, errlen, "bad announce_cached '%s' (yes or no)", value);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (IS("offline")) {
+        o->offline = 1;
         return 0;
     }
     if (IS("log_level")) {
@@ -236,6 +288,8 @@ int dg_options_parse(int argc, char **argv, struct dg_options *o, char *err, siz
     memset(o, 0, sizeof(*o));
     o->cache_size = DG_DEFAULT_CACHE_SIZE;
     o->read_timeout_ms = DG_DEFAULT_READ_TIMEOUT_MS;
+    o->lookup_timeout_ms = DG_DEFAULT_LOOKUP_TIMEOUT_MS;
+    o->announce_cached = 1;
     o->log_level = DG_LOG_INFO;
     err[0] = '\0';
     for (int i = 1; i < argc && rc == 0; i++) {
@@ -299,6 +353,8 @@ void dg_options_free(struct dg_options *o)
     free(o->data_dir);
     free(o->cache_dir);
     free(o->fuse_opts);
+    free(o->bootstrap);
+    free(o->peers);
     memset(o, 0, sizeof(*o));
 }
 
@@ -329,6 +385,15 @@ void dg_options_usage(FILE *f, const char *prog)
             "  -o cache_size=SIZE     limit of the cache, K/M/G/T suffixes (default 10G)\n"
             "  -o read_timeout=SECS   a read waiting for data fails with ETIMEDOUT after this\n"
             "                         (default 60)\n"
+            "  -o port=N              TCP and UDP port for peers and the DHT (default 0:\n"
+            "                         the one used last time, else any free one)\n"
+            "  -o bootstrap=LIST      DHT nodes to start from, HOST:PORT[+HOST:PORT...], or\n"
+            "                         none (default: the public BitTorrent DHT routers)\n"
+            "  -o peers=LIST          peers asked for every root, IP:PORT[+IP:PORT...]\n"
+            "  -o lookup_timeout=SECS a lookup of an unknown root fails with ENOENT after\n"
+            "                         this (default 15)\n"
+            "  -o announce_cached=no  announce only shared files, not complete cached roots\n"
+            "  -o offline             no network: serve what this machine holds\n"
             "  -o log_level=LEVEL     error, warn, info (default) or debug\n"
             "  -o FUSE_OPTION         any libfuse mount option, e.g. allow_other\n"
             "                         (default_permissions is always on)\n",

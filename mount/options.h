@@ -14,6 +14,7 @@
 
 #define DG_DEFAULT_CACHE_SIZE (10ull << 30)
 #define DG_DEFAULT_READ_TIMEOUT_MS 60000u
+#define DG_DEFAULT_LOOKUP_TIMEOUT_MS 15000u
 
 struct dg_options {
     char *mountpoint;    /* as given (made absolute later, after stale-mount recovery) */
@@ -21,7 +22,13 @@ struct dg_options {
     char *cache_dir;     /* absolute */
     uint64_t cache_size; /* bytes */
     uint32_t read_timeout_ms;
-    int log_level; /* enum dg_log_level */
+    uint32_t lookup_timeout_ms;
+    int offline;         /* no network at all */
+    uint16_t port;       /* 0: the one used last time, else any */
+    char *bootstrap;     /* NULL: the public routers */
+    char *peers;         /* NULL: none */
+    int announce_cached; /* announce roots held completely in the cache (default 1) */
+    int log_level;       /* enum dg_log_level */
     int foreground;
     int debug;         /* -d: libfuse debug output, implies foreground */
     int single_thread; /* -s */

@@ -94,8 +94,33 @@ static void render(const cJSON *s, const char *mnt)
         printf("  open     %.12s…  %10s  %s  %.0f reader(s)\n", str(item, "root"), a, gauge,
                num(item, "readers"));
     }
-    if (cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(s, "network")))
-        printf("  network  none yet: this version serves what this machine holds\n");
+    const cJSON *net = cJSON_GetObjectItemCaseSensitive(s, "network");
+    if (!cJSON_IsObject(net)) {
+        printf("  network  off\n");
+        return;
+    }
+    const cJSON *dht = cJSON_GetObjectItemCaseSensitive(net, "dht");
+    const cJSON *pub = cJSON_GetObjectItemCaseSensitive(net, "public_address");
+    printf("  network  port %.0f, public address %s\n", num(net, "port"),
+           cJSON_IsString(pub) ? pub->valuestring : "not learned yet");
+    printf("  dht      %.0f nodes (%.0f good), %.0f lookups running, %.0f peers stored\n",
+           num(dht, "nodes"), num(dht, "good"), num(dht, "searches"), num(dht, "stored_peers"));
+    human_size(num(net, "bytes_in"), a, sizeof(a));
+    human_size(num(net, "bytes_out"), b, sizeof(b));
+    printf("  peers    %.0f connected, %s in, %s out, %.0f banned\n", num(net, "peers"), a, b,
+           num(net, "banned"));
+    cJSON_ArrayForEach(item, cJSON_GetObjectItemCaseSensitive(s, "swarms"))
+    {
+        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "known"))) {
+            printf("  swarm    %.12s…  looking up, %.0f peer(s)\n", str(item, "root"),
+                   num(item, "peers"));
+            continue;
+        }
+        human_size(num(item, "length"), a, sizeof(a));
+        bar(num(item, "blocks_held"), num(item, "blocks_total"), gauge);
+        printf("  swarm    %.12s…  %10s  %s  %.0f peer(s)\n", str(item, "root"), a, gauge,
+               num(item, "peers"));
+    }
 }
 
 int dg_status_cmd_main(int argc, char **argv)

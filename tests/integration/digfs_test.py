@@ -438,7 +438,12 @@ class Mount:
 
     # ---- lifecycle
     def option_string(self, opts=(), dirs=True):
+        """The -o string: our directories (unless dirs=False), @opts, and, unless @opts names
+        a bootstrap or offline, bootstrap=none: no test ever lets digfs reach the public DHT
+        routers (the network-safety rule), even inside run-all.sh's isolated namespace."""
         own = [f"data_dir={self.data}", f"cache_dir={self.cache}"] if dirs else []
+        if not any(o.startswith("bootstrap=") or o == "offline" for o in opts):
+            own.append("bootstrap=none")
         return ",".join([*own, *opts])
 
     def command(self, opts=(), foreground=True, extra_args=(), dirs=True, flags=None):
@@ -769,6 +774,34 @@ def share(m, rel, data):
     root = wait_hashed(path)
     check_eq(root, merkle_root(data), f"root of shared/{rel} ({len(data)} bytes)")
     return root
+
+
+def status_json(m):
+    """`digfs status --json` of mount @m, parsed."""
+    import json
+    r = subprocess.run([BIN, "status", "--json", m.mnt], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)
+    check_eq(r.returncode, 0, f"digfs status --json {m.mnt} exit status ({r.stderr.strip()})")
+    return json.loads(r.stdout)
+
+
+def free_port():
+    """A port number free for both TCP and UDP on this machine right now (for port=)."""
+    import socket
+    for _ in range(50):
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            t.bind(("0.0.0.0", 0))
+            port = t.getsockname()[1]
+            u.bind(("0.0.0.0", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
+    fail("no free port for TCP and UDP")
 
 
 def by_name_target(rel, root):

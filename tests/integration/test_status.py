@@ -39,7 +39,12 @@ def test_status_reports_shared_files_roots_cache_and_open_files():
         check_eq(opened[0]["readers"], 1, "readers of the open root")
         check_eq(opened[0]["length"], len(data), "length of the open root")
         check_eq(opened[0]["blocks_held"], opened[0]["blocks_total"], "a shared root is whole")
-        check(s["network"] is None, "network is null until the swarm exists")
+        net = s["network"]
+        check(isinstance(net, dict) and 0 < net["port"] < 65536, "network.port", net)
+        check_eq((net["peers"], net["banned"], net["bytes_in"]), (0, 0, 0),
+                 "network peers, bans and bytes of a node alone")
+        check_eq(net["dht"]["nodes"], 0, "DHT nodes with bootstrap=none")
+        check_eq(s["swarms"], [], "swarms of a node nobody talks to")
     # Closed: the root is no longer open.
     s = json.loads(status(m.mnt, "--json").stdout)
     check(all(o["root"] != root for o in s["open"]), f"still open after close: {s['open']}")

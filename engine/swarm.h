@@ -1,0 +1,146 @@
+/* The swarms of one node: every root it fetches or serves over the peer wire protocol
+ * (docs/PROTOCOL.md section 3), the TCP listener, the peers, the piece picker and the
+ * announce schedule.
+ *
+ * A swarm exists for a root while someone wants it (a lookup, a reader, a pin) or a peer
+ * fetches it from us. It learns the root's metadata from peers (length from a hello, the piece
+ * layer verified against the root, then the last piece's leaves and last block, so the size a
+ * lookup reports is verified), then fetches blocks: first those readers wait for, then a
+ * read-ahead window that grows for sequential readers, then, for pinned roots only, every
+ * missing block rarest-first. Requests are spread over the peers that have the blocks, each
+ * kept busy with a pipeline sized by its measured speed; a block a reader waits for that is
+ * late is asked of a second peer (endgame). Every block is verified by the piece cache before
+ * it is stored; a peer whose data fails verification is banned for the session.
+ *
+ * Serving: a node answers requests for blocks it holds (shared files and cache), choking with
+ * tit-for-tat: every 10 s the 4 interested peers that gave us most (or, for a root we hold
+ * completely, took most) are unchoked, plus one optimistic unchoke rotated every 30 s; while
+ * fewer than 5 peers are unchoked, an interested peer is unchoked at once.
+ *
+ * Threads: everything here runs on the engine's loop thread. */
+#ifndef DG_SWARM_H
+#define DG_SWARM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <uv.h>
+
+#include "engine/dht_table.h"
+#include "engine/piece_cache.h"
+
+struct dg_content;
+struct dg_swarms; /* opaque */
+
+#define DG_SWARM_MAX_PEERS 50     /* connected peers per swarm */
+#define DG_SWARM_MAX_CONNECTING 8 /* connection attempts at once per swarm */
+#define DG_SWARM_REQQ 250u        /* requests we accept outstanding from one peer */
+#define DG_SWARM_REANNOUNCE_MS (15u * 60 * 1000)
+
+/* What the swarms need from the engine. Every callback runs on the loop thread. */
+struct dg_swarm_host {
+    void *arg;
+    /* Makes what the swarm wrote to the piece cache visible to its readers (commits the
+     * engine's open write batch). */
+    void (*commit)(void *arg);
+    /* Blocks of @p root were stored: reads waiting for them can be answered. */
+    void (*stored)(void *arg, const uint8_t root[32]);
+    /* Opens @p root for serving (engine.h dg_engine_open). */
+    int (*open)(void *arg, const uint8_t root[32], struct dg_content **out);
+    /* DHT nodes known, or in the works (a bootstrap under way counts as one). NULL: none. */
+    size_t (*dht_nodes)(void *arg);
+    /* Calls @p fn for each byte range a reader waits for in @p root. */
+    void (*each_wanted)(void *arg, const uint8_t root[32],
+                        void (*fn)(void *ctx, uint64_t off, uint64_t len), void *ctx);
+    /* Starts a DHT get_peers lookup of @p key (announcing @p announce_port when not 0); the
+     * engine hands what it finds to dg_swarms_found(). NULL when there is no DHT.
+     * @return 0; 1 when it started but the routing table is thin (an announce should be
+     *         repeated soon); -EAGAIN when the table is empty; another -errno. */
+    int (*dht_lookup)(void *arg, const uint8_t key[20], uint16_t announce_port);
+};
+
+struct dg_swarms_config {
+    uv_loop_t *loop;
+    struct dg_piece_cache *cache;
+    struct dg_swarm_host host;
+    uint8_t node_id[20];        /* ours, named in handshakes */
+    uint16_t port;              /* TCP port to listen on (0: any) */
+    const char *peers;          /* "HOST:PORT[+HOST:PORT...]" added to every swarm, or NULL */
+    uint32_t lookup_timeout_ms; /* a lookup of an unknown root fails after this */
+};
+
+struct dg_swarm_stats {
+    uint64_t peers;      /* connected peers, all swarms */
+    uint64_t swarms;     /* swarms active */
+    uint64_t bytes_in;   /* peer wire bytes received */
+    uint64_t bytes_out;  /* peer wire bytes sent */
+    uint64_t blocks_in;  /* verified blocks stored */
+    uint64_t blocks_out; /* blocks served */
+    uint64_t banned;     /* addresses banned this session */
+    uint64_t malformed;  /* connections closed for malformed or rule-breaking messages */
+    uint64_t announces;  /* announces started */
+};
+
+/* One swarm's numbers, for `digfs status`. */
+struct dg_swarm_info {
+    uint8_t root[32];
+    uint64_t length; /* 0 while unknown */
+    int known;       /* the metadata is verified */
+    uint64_t blocks_total, blocks_held;
+    uint64_t peers;
+    uint64_t bytes_in, bytes_out;
+};
+
+/* Parses a "HOST:PORT[+HOST:PORT...]" list of numeric addresses (IPv4, or IPv6 in brackets).
+ * @return the number of addresses (up to @p max written to @p out), or -EINVAL. */
+int dg_swarms_parse_peers(const char *s, struct sockaddr_storage *out, size_t max);
+
+/* Listens and starts the timers. @return 0, -EADDRINUSE, -EINVAL (bad peers list), -ENOMEM. */
+int dg_swarms_start(const struct dg_swarms_config *cfg, struct dg_swarms **out);
+
+/* The TCP port listened on. */
+uint16_t dg_swarms_port(const struct dg_swarms *s);
+
+/* Closes every connection and handle; @p closed runs on the loop once all are closed, and the
+ * object is freed. Lookups waiting fail with -ESHUTDOWN first. */
+void dg_swarms_stop(struct dg_swarms *s, void (*closed)(void *arg), void *arg);
+
+/* Completion of a lookup: 0 once the root's length and piece layer are verified and stored in
+ * the piece cache, -ENOENT when nothing was found in time, -EINTR (cancelled), -ESHUTDOWN. */
+typedef void (*dg_swarms_lookup_cb)(void *arg, int status);
+
+/* Looks up @p root in the swarm. @p cb runs exactly once (maybe before this returns, when the
+ * cache knows the root already). @p token identifies it for dg_swarms_cancel_lookup(). */
+void dg_swarms_lookup(struct dg_swarms *s, const uint8_t root[32], uint64_t token,
+                      dg_swarms_lookup_cb cb, void *arg);
+
+/* Cancels a lookup: its callback gets -EINTR. @return 1 if it was waiting, else 0. */
+int dg_swarms_cancel_lookup(struct dg_swarms *s, uint64_t token);
+
+/* A reader wants [off, off + len) of @p root (held or not: the read-ahead follows readers). */
+void dg_swarms_read(struct dg_swarms *s, const uint8_t root[32], uint64_t off, uint64_t len);
+
+/* Readers of @p root are waiting on blocks: fetch them now. */
+void dg_swarms_want(struct dg_swarms *s, const uint8_t root[32]);
+
+/* @p root was pinned or unpinned: pinned roots are fetched completely in the background. */
+void dg_swarms_set_pinned(struct dg_swarms *s, const uint8_t root[32], int pinned);
+
+/* Blocks of @p root were stored from outside the swarm (dg_engine_put_block). */
+void dg_swarms_block_stored(struct dg_swarms *s, const uint8_t root[32], uint64_t block);
+
+/* Peers the DHT found for @p key (compact IPv4/IPv6 addresses). */
+void dg_swarms_found(struct dg_swarms *s, const uint8_t key[20], const struct dg_dht_compact *peers,
+                     size_t n);
+
+/* Announces @p root on the DHT now and every DG_SWARM_REANNOUNCE_MS (a root we hold
+ * completely), or stops announcing it (@p on 0). */
+void dg_swarms_announce(struct dg_swarms *s, const uint8_t root[32], int on);
+
+/* Totals. */
+void dg_swarms_stats(const struct dg_swarms *s, struct dg_swarm_stats *out);
+
+/* Up to @p max active swarms. @return how many were written. */
+size_t dg_swarms_list(const struct dg_swarms *s, struct dg_swarm_info *out, size_t max);
+
+#endif

@@ -1,0 +1,192 @@
+"""The swarm on loopback: several digfs nodes, each with its own FUSE mount, find each other
+through the DHT (or are given peers by address) and read each other's files by hash, fetched
+lazily and verified. Every node runs with a loopback bootstrap or bootstrap=none.
+
+What each test proves is in its docstring. Byte counts come from `digfs status --json`."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import digfs_test as T  # noqa: E402
+from digfs_test import check, check_eq  # noqa: E402
+
+MIB = 1 << 20
+
+
+def seeder(tag, data, rel="file.bin", opts=()):
+    """A node sharing @data on a port of its own. Returns (mount, root, port)."""
+    port = T.free_port()
+    m = T.Mount(tag, opts=[f"port={port}", *opts])
+    root = T.share(m, rel, data)
+    return m, root, port
+
+
+def swarm_of(m, root):
+    for s in T.status_json(m)["swarms"]:
+        if s["root"] == root:
+            return s
+    return None
+
+
+def read_range(path, off, length):
+    with open(path, "rb", buffering=0) as f:
+        f.seek(off)
+        out = b""
+        while len(out) < length:
+            chunk = f.read(length - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_dht_discovery_three_nodes_64mib():
+    """A shares 64 MiB; B and C know only A as their DHT bootstrap node. Each finds A through
+    the DHT (A announced the root's swarm key), and reads the file by hash through its own
+    mount: size right on lookup, bytes exact."""
+    data = T.data_of(64 * MIB, 301)
+    a, root, port_a = seeder("swarm-a", data)
+    boot = [f"bootstrap=127.0.0.1:{port_a}", "lookup_timeout=30"]
+    b = T.Mount("swarm-b", opts=boot)
+    c = T.Mount("swarm-c", opts=boot)
+    # B's and C's tables fill from A; A announces once its table has nodes.
+    T.wait_until(lambda: T.status_json(a)["network"]["dht"]["nodes"] >= 2,
+                 "A's DHT table to learn B and C", timeout=60)
+    for m in (b, c):
+        path = m.by_hash(root)
+        st = T.wait_until(lambda: _stat_or_none(path), f"{m.mnt}: lookup of the root",
+                          timeout=90, interval=0.5)
+        check_eq(st.st_size, len(data), "size of by-hash/<root> after the lookup")
+        T.check_bytes(T.read_file(path), data, f"{m.mnt}: by-hash read")
+    check(T.status_json(a)["network"]["bytes_out"] >= 2 * len(data),
+          "A served both readers", T.status_json(a)["network"])
+
+
+def _stat_or_none(path):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def test_random_read_fetches_little():
+    """A 64 KiB read at offset 40 MiB on a fresh node fetches less than 1 MiB in all
+    (metadata, hashes, blocks, framing): reads are lazy."""
+    data = T.data_of(64 * MIB, 302)
+    a, root, port_a = seeder("lazy-a", data)
+    d = T.Mount("lazy-d", opts=[f"peers=127.0.0.1:{port_a}"])
+    got = read_range(d.by_hash(root), 40 * MIB, 64 << 10)
+    T.check_bytes(got, data[40 * MIB:40 * MIB + (64 << 10)], "64 KiB at 40 MiB")
+    fetched = T.status_json(d)["network"]["bytes_in"]
+    check(0 < fetched < MIB, f"bytes fetched for a 64 KiB read: {fetched}")
+
+
+def test_seeder_killed_mid_read():
+    """Two seeders hold the same file; the reader fetches from both. One is killed (kill -9)
+    halfway through the read: the read completes, byte-exact, from the other."""
+    data = T.data_of(48 * MIB, 303)
+    s1, root, p1 = seeder("kill-s1", data)
+    s2, root2, p2 = seeder("kill-s2", data)
+    check_eq(root2, root, "both seeders hash the same file to the same root")
+    r = T.Mount("kill-r", opts=[f"peers=127.0.0.1:{p1}+127.0.0.1:{p2}", "read_timeout=120"])
+    path = r.by_hash(root)
+    half = len(data) // 2
+    with open(path, "rb", buffering=0) as f:
+        first = b""
+        while len(first) < half:
+            chunk = f.read(min(MIB, half - len(first)))
+            check(chunk, "short read before the kill")
+            first += chunk
+        sw = swarm_of(r, root)
+        check(sw and sw["peers"] == 2, "the reader is connected to both seeders", sw)
+        s1.kill9()
+        rest = b""
+        while True:
+            chunk = f.read(MIB)
+            if not chunk:
+                break
+            rest += chunk
+    T.check_bytes(first + rest, data, "read across the seeder's death")
+
+
+def test_cache_blocks_are_served():
+    """Every node serves the verified blocks in its cache: B fetches the file from A, A goes
+    away, and C, given only B, reads it byte-exact."""
+    data = T.data_of(5 * MIB + 77, 304)
+    a, root, port_a = seeder("cache-a", data)
+    port_b = T.free_port()
+    b = T.Mount("cache-b", opts=[f"port={port_b}", f"peers=127.0.0.1:{port_a}"])
+    T.check_bytes(T.read_file(b.by_hash(root)), data, "B's read from A")
+    a.unmount()
+    c = T.Mount("cache-c", opts=[f"peers=127.0.0.1:{port_b}"])
+    T.check_bytes(T.read_file(c.by_hash(root)), data, "C's read from B's cache")
+    check(T.status_json(b)["network"]["bytes_out"] >= len(data), "B served C")
+
+
+def test_unknown_root_enoent_within_lookup_timeout():
+    """A root nobody has: the lookup ends with ENOENT once the lookup timeout has passed, and
+    `ls by-hash/` never waits on the network."""
+    a, root, port_a = seeder("unknown-a", T.data_of(1000, 305))
+    d = T.Mount("unknown-d", opts=[f"peers=127.0.0.1:{port_a}", "lookup_timeout=2"])
+    missing = "%064x" % random.getrandbits(256)
+    start = time.monotonic()
+    T.expect_errno(2, os.stat, d.by_hash(missing))
+    took = time.monotonic() - start
+    check(took >= 1.5, f"ENOENT came after {took:.1f} s, before the 2 s lookup timeout")
+    check(took < 30, f"ENOENT took {took:.1f} s with a 2 s lookup timeout")
+    start = time.monotonic()
+    os.listdir(d.by_hash())
+    check(time.monotonic() - start < 30, "ls by-hash/ waited")
+
+
+def test_reader_killed_while_waiting():
+    """A reader waiting for blocks nobody can send (the only seeder is gone after the lookup)
+    is killed with SIGKILL: it dies at once, its wait ends (the kernel's page-cache read goes
+    on without it until the read timeout), no waiting read is left behind, and the mount
+    stays healthy and serves the next reader with a clear ETIMEDOUT."""
+    data = T.data_of(3 * MIB, 306)
+    a, root, port_a = seeder("wait-a", data)
+    d = T.Mount("wait-d", opts=[f"peers=127.0.0.1:{port_a}", "read_timeout=4"])
+    check_eq(os.stat(d.by_hash(root)).st_size, len(data), "size after lookup")
+    a.kill9()
+    p = subprocess.Popen(["dd", f"if={d.by_hash(root)}", "of=/dev/null", "bs=64k", "skip=10",
+                          "count=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    T.wait_until(lambda: T.status_json(d)["reads"]["waiting"] >= 1, "the read to wait")
+    p.kill()
+    try:
+        code = p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        T.fail("a reader waiting on by-hash/ could not be killed")
+    check_eq(code, -signal.SIGKILL, "exit of the killed reader")
+    T.wait_until(lambda: T.status_json(d)["reads"]["waiting"] == 0,
+                 "no read left waiting after the read timeout")
+    check(d.alive(), "digfs still running")
+    check_eq(os.stat(d.by_hash(root)).st_size, len(data), "mount healthy after the kill")
+    with open(d.by_hash(root), "rb", buffering=0) as f:
+        f.seek(2 * MIB)
+        T.expect_errno(110, f.read, 4096, what="read of data nobody has")  # ETIMEDOUT
+
+
+def test_pinned_root_is_fetched_completely():
+    """Pinning a by-hash file fetches all of it in the background, without a reader."""
+    data = T.data_of(6 * MIB + 5, 307)
+    a, root, port_a = seeder("pin-a", data)
+    d = T.Mount("pin-d", opts=[f"peers=127.0.0.1:{port_a}"])
+    check_eq(os.stat(d.by_hash(root)).st_size, len(data), "size after lookup")
+    r = subprocess.run([T.BIN, "pin", d.by_hash(root)], capture_output=True, text=True,
+                       timeout=60)
+    check_eq(r.returncode, 0, f"digfs pin ({r.stderr.strip()})")
+    blocks = (len(data) + T.LEAF - 1) // T.LEAF
+    T.wait_until(lambda: (swarm_of(d, root) or {}).get("blocks_held") == blocks,
+                 "every block of the pinned root", timeout=120)
+    a.kill9()
+    T.check_bytes(T.read_file(d.by_hash(root)), data, "pinned root read with the seeder gone")
+
+
+T.main()
