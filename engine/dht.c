@@ -1000,6 +1000,8 @@ uint64_t dg_dht_tick(struct dg_dht *d, uint64_t now_ms)
             struct dg_dht_table_stats ts;
             dg_dht_table_stats(d->table, now_ms, &ts);
             due = ts.good < DG_DHT_K;
+            if (!due)
+                d->last_self_ms = now_ms; /* healthy: look again in a while, not at once */
         }
         if (due) {
             d->self_lookup_due = 0;
@@ -1015,6 +1017,8 @@ uint64_t dg_dht_tick(struct dg_dht *d, uint64_t now_ms)
         search_start(d, S_FIND_NODE, target, 0, NULL, NULL, now_ms);
     }
     uint64_t refresh = dg_dht_table_refresh_due_in(d->table, now_ms);
+    if (refresh == 0 && d->nsearches + 8 >= DG_DHT_MAX_SEARCHES)
+        refresh = DG_DHT_QUERY_TIMEOUT_MS; /* no room now: a running lookup must end first */
     next = refresh < next ? refresh : next;
 
     /* Drive lookups (a new one sends its first queries here). */

@@ -1154,8 +1154,15 @@ static void waiter_timeout(uv_timer_t *timer)
 /* Tries to answer @p w from held data. Returns 1 when it was answered (and freed). */
 static int waiter_try(struct waiter *w)
 {
-    void *buf = malloc(w->len ? w->len : 1);
+    struct dg_content *c = w->content;
+    void *buf;
     ssize_t n;
+
+    /* Cheap test first: blocks arrive one by one, most wake-ups find the range incomplete. */
+    if (c->fd < 0 && w->off < c->length &&
+        !dg_piece_cache_has_range(c->e->cache, c->root, w->off, w->len))
+        return 0;
+    buf = malloc(w->len ? w->len : 1);
 
     if (!buf) {
         waiter_finish(w, -ENOMEM, NULL);

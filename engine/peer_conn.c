@@ -118,11 +118,8 @@ static void write_done(uv_write_t *req, int status)
     if (c->closing)
         return;
     start_write(c);
-    if (c->above_low && c->queue.len < DG_PEER_CONN_LOW_WATER) {
-        c->above_low = 0;
-        if (c->ops->on_drained)
-            c->ops->on_drained(c);
-    }
+    if (dg_peer_conn_queued(c) < DG_PEER_CONN_LOW_WATER && c->ops->on_drained)
+        c->ops->on_drained(c);
 }
 
 static void start_write(struct dg_peer_conn *c)
@@ -167,8 +164,6 @@ int dg_peer_conn_send(struct dg_peer_conn *c, const void *buf, size_t len)
     }
     memcpy(c->queue.data + c->queue.len, buf, len);
     c->queue.len += len;
-    if (c->queue.len >= DG_PEER_CONN_LOW_WATER)
-        c->above_low = 1;
     start_write(c);
     return 0;
 }

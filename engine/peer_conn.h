@@ -47,13 +47,13 @@ struct dg_peer_conn_ops {
     int (*on_handshake)(struct dg_peer_conn *c, const struct dg_peer_handshake *hs);
     /* One message, valid only during the call. @return 0, or a reason to close. */
     int (*on_message)(struct dg_peer_conn *c, const struct dg_peer_msg *m);
-    /* The write queue fell below DG_PEER_CONN_LOW_WATER bytes (may be NULL). */
+    /* A write finished and fewer than DG_PEER_CONN_LOW_WATER bytes wait (may be NULL). */
     void (*on_drained)(struct dg_peer_conn *c);
     /* The connection is closing; it must not be used after this returns. */
     void (*on_close)(struct dg_peer_conn *c, enum dg_peer_close_reason reason);
 };
 
-#define DG_PEER_CONN_LOW_WATER (256u << 10)
+#define DG_PEER_CONN_LOW_WATER (1u << 20)
 
 /* Opens a connection to @p addr. @p ops and @p owner are kept.
  * @return 0 (on_connected or on_close follows), -ENOMEM, -EINVAL, or a uv error. */

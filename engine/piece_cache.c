@@ -22,13 +22,17 @@
 #define MAP_SIZE (64ull << 30) /* address space only: the file grows with use */
 #define HAVE_CHUNK_BITS 32768u /* blocks per `have` record (512 MiB of content) */
 #define HAVE_CHUNK_BYTES (HAVE_CHUNK_BITS / 8)
+#define PENDING_BITS_MAX (1ull << 30) /* blocks a pending bitmap covers (16 TiB) */
 
 /* Verified blocks written to block storage whose bits are not committed yet. */
 struct pending_root {
     uint8_t root[32];
     uint64_t *blocks;
     size_t count, cap;
-    int fd; /* write descriptor of the block file, closed at flush */
+    uint8_t *bits; /* the same blocks as a bitmap, for lookups (NULL: look in the list) */
+    uint64_t bits_len;
+    int no_bits; /* the bitmap was given up */
+    int fd;      /* write descriptor of the block file, closed at flush */
     struct pending_root *next;
 };
 
@@ -526,8 +530,11 @@ static int pending_has(struct dg_piece_cache *c, const uint8_t root[32], uint64_
     for (struct pending_root *p = c->pending; p && !found; p = p->next) {
         if (memcmp(p->root, root, 32) != 0)
             continue;
-        for (size_t i = 0; i < p->count && !found; i++)
-            found = p->blocks[i] == block;
+        if (p->bits)
+            found = block / 8 < p->bits_len && (p->bits[block / 8] >> (block % 8) & 1);
+        else
+            for (size_t i = 0; i < p->count && !found; i++)
+                found = p->blocks[i] == block;
     }
     pthread_mutex_unlock(&c->lock);
     return found;
@@ -1175,6 +1182,7 @@ static void drop_pending(struct dg_piece_cache *c, const uint8_t root[32])
         if (gone->fd >= 0)
             close(gone->fd);
         free(gone->blocks);
+        free(gone->bits);
         free(gone);
     }
 }
@@ -1264,6 +1272,23 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
         p->cap = cap;
     }
     p->blocks[p->count++] = block;
+    if (!p->no_bits && (block >= PENDING_BITS_MAX || block / 8 >= p->bits_len)) {
+        /* Grown in steps. A block out of its reach, or no memory: the list alone is used. */
+        uint64_t bits_len = (block / 8 + 1) * 2;
+        uint8_t *nb = block < PENDING_BITS_MAX ? realloc(p->bits, (size_t)bits_len) : NULL;
+        if (nb) {
+            memset(nb + p->bits_len, 0, (size_t)(bits_len - p->bits_len));
+            p->bits = nb;
+            p->bits_len = bits_len;
+        } else {
+            free(p->bits);
+            p->bits = NULL;
+            p->bits_len = 0;
+            p->no_bits = 1;
+        }
+    }
+    if (p->bits)
+        p->bits[block / 8] |= (uint8_t)(1u << (block % 8));
     pthread_mutex_unlock(&c->lock);
     return 0;
 }
@@ -1383,6 +1408,7 @@ int dg_piece_cache_flush(struct dg_piece_cache *c)
             if (pending->fd >= 0)
                 close(pending->fd);
             free(pending->blocks);
+            free(pending->bits);
             free(pending);
             pending = p;
         }

@@ -14,7 +14,7 @@
 #include "engine/peer_msg.h"
 #include "engine/root_name.h"
 
-#define TICK_MS 1000u
+#define TICK_MS 500u
 #define MAX_STATIC_PEERS 16
 #define MAX_CANDIDATES 200        /* addresses known per swarm */
 #define MAX_ACCEPTING 256         /* incoming connections before their handshake */
@@ -28,8 +28,8 @@
 #define OPTIMISTIC_MS 30000u
 #define UNCHOKE_SLOTS 4
 #define PEX_INTERVAL_MS 60000u
-#define SERVE_QUEUE_BYTES (1u << 20) /* serve while less than this waits in the socket queue */
-#define MIN_PIPELINE 32u
+#define SERVE_QUEUE_BYTES (4u << 20) /* serve while less than this waits in the socket queue */
+#define MIN_PIPELINE 128u
 #define READAHEAD_MIN (1u << 20)
 #define READAHEAD_MAX (64u << 20)
 #define ANNOUNCES_AT_ONCE 4
@@ -48,6 +48,15 @@ struct request {
     uint32_t block;
     uint64_t sent_at;
 };
+
+struct hash_req {
+    uint8_t layer;
+    uint32_t index, count;
+    uint64_t sent_at;
+};
+
+#define MAX_HASH_OUT 8           /* our hash_requests outstanding to one peer */
+#define LEAVES_PER_REQUEST 1024u /* leaf hashes asked in one request (many pieces at once) */
 
 struct peer {
     struct swarm *sw;
@@ -76,10 +85,8 @@ struct peer {
     unsigned cancelled_next;
     uint32_t *serve; /* its requests to us, FIFO */
     size_t serve_head, serve_len;
-    int hash_out; /* a hash_request of ours is outstanding: */
-    uint8_t hash_layer;
-    uint32_t hash_index, hash_count;
-    uint64_t hash_sent_at;
+    struct hash_req hreqs[MAX_HASH_OUT]; /* our hash_requests to it */
+    unsigned nhreqs;
     uint64_t accounted_in, accounted_out;
     uint64_t got_recent, gave_recent; /* bytes of blocks in this choke round */
     uint64_t rate_in;                 /* bytes per second of blocks, smoothed */
@@ -679,12 +686,28 @@ static void send_hash_request(struct peer *p, uint8_t layer, uint32_t index, uin
 {
     uint8_t b[32];
 
-    p->hash_out = 1;
-    p->hash_layer = layer;
-    p->hash_index = index;
-    p->hash_count = count;
-    p->hash_sent_at = now_ms(p->sw->s);
+    if (p->nhreqs == MAX_HASH_OUT)
+        return;
+    p->hreqs[p->nhreqs].layer = layer;
+    p->hreqs[p->nhreqs].index = index;
+    p->hreqs[p->nhreqs].count = count;
+    p->hreqs[p->nhreqs].sent_at = now_ms(p->sw->s);
+    p->nhreqs++;
     send_buf(p, b, dg_peer_msg_hash_request(layer, index, count, 0, b, sizeof(b)));
+}
+
+/* Forgets our hash request @p i to @p p; leaves it asked for can be asked of others. */
+static void drop_hash_request(struct peer *p, unsigned i)
+{
+    struct swarm *sw = p->sw;
+    struct hash_req r = p->hreqs[i];
+
+    p->hreqs[i] = p->hreqs[--p->nhreqs];
+    if (sw->known && r.layer == 0) {
+        for (uint64_t piece = r.index / sw->per_piece;
+             piece * sw->per_piece < (uint64_t)r.index + r.count && piece < sw->npieces; piece++)
+            sw->leaves_asked[piece / 8] &= (uint8_t) ~(1u << (piece % 8));
+    }
 }
 
 static void send_request(struct peer *p, uint32_t block)
@@ -907,19 +930,24 @@ static struct peer *best_peer(struct swarm *sw, uint64_t block)
     return best;
 }
 
-/* Makes sure the leaf hashes of @p piece are on their way. */
+/* Makes sure the leaf hashes of @p piece are on their way, with those of the pieces after it
+ * that are not known or asked yet, in one request. */
 static void want_leaves(struct swarm *sw, uint64_t piece)
 {
     if (bit_get(sw->leaves_asked, piece))
         return;
     uint64_t first = piece * sw->per_piece;
-    uint64_t count = sw->nblocks - first < sw->per_piece ? sw->nblocks - first : sw->per_piece;
     for (struct peer *p = sw->peers; p; p = p->next) {
-        if (!p->got_hello || p->hash_out || !peer_has(p, first))
+        if (!p->got_hello || p->nhreqs == MAX_HASH_OUT || !peer_has(p, first))
             continue;
-        bit_set(sw->leaves_asked, piece);
+        uint64_t end = piece;
+        while (end < sw->npieces && (end - piece + 1) * sw->per_piece <= LEAVES_PER_REQUEST &&
+               !bit_get(sw->leaves_known, end) && !bit_get(sw->leaves_asked, end))
+            bit_set(sw->leaves_asked, end++);
+        uint64_t last = end * sw->per_piece < sw->nblocks ? end * sw->per_piece : sw->nblocks;
+        uint64_t count = last - first;
         if (count > DG_PEER_HASH_MAX_COUNT)
-            count = DG_PEER_HASH_MAX_COUNT; /* pieces over 32 GiB files: first part only */
+            count = DG_PEER_HASH_MAX_COUNT; /* a piece of a file over 32 GiB: its first part */
         send_hash_request(p, 0, (uint32_t)first, (uint32_t)count);
         return;
     }
@@ -1058,7 +1086,46 @@ static void serve(struct peer *p)
     account(p);
 }
 
-/* Answers a hash_request: the piece layer, or the leaves of one piece. */
+/* The leaf hashes of blocks [first, first + count): from the cache, or hashed from the
+ * content (a shared file keeps only its piece layer). @return 0 or -errno. */
+static int leaf_range(struct swarm *sw, uint64_t first, uint64_t count, uint8_t *out)
+{
+    struct dg_swarms *s = sw->s;
+    uint8_t *leaves = malloc(32u * sw->per_piece);
+    int rc = 0;
+
+    if (!leaves)
+        return -ENOMEM;
+    for (uint64_t piece = first / sw->per_piece; rc == 0 && piece * sw->per_piece < first + count;
+         piece++) {
+        uint64_t start = piece * sw->per_piece, got = 0;
+        uint64_t in_piece =
+            sw->nblocks - start < sw->per_piece ? sw->nblocks - start : sw->per_piece;
+        rc = dg_piece_cache_leaves(s->cfg.cache, sw->root, piece, leaves, in_piece, &got);
+        if (rc == -ENODATA && sw->content) {
+            rc = 0;
+            for (got = 0; got < in_piece && rc == 0; got++) {
+                size_t len = dg_peer_block_size(sw->length, (uint32_t)(start + got));
+                if (dg_content_read(sw->content, s->buf, len,
+                                    (start + got) * DG_MERKLE_BLOCK_SIZE) != (ssize_t)len)
+                    rc = -EIO;
+                else
+                    rc = dg_merkle_sha256(s->buf, len, leaves + 32 * got);
+            }
+        }
+        if (rc == 0 && got != in_piece)
+            rc = -EIO;
+        /* The part of this piece inside the range. */
+        uint64_t from = first > start ? first : start;
+        uint64_t to = first + count < start + in_piece ? first + count : start + in_piece;
+        if (rc == 0)
+            memcpy(out + 32 * (from - first), leaves + 32 * (from - start), 32 * (to - from));
+    }
+    free(leaves);
+    return rc;
+}
+
+/* Answers a hash_request: the piece layer, or leaves of any blocks. */
 static void serve_hashes(struct peer *p, const struct dg_peer_msg *m)
 {
     struct swarm *sw = p->sw;
@@ -1086,38 +1153,9 @@ static void serve_hashes(struct peer *p, const struct dg_peer_msg *m)
                 free(layer);
             }
         } else if (m->layer == 0) {
-            uint64_t piece = m->index / sw->per_piece;
-            uint64_t first = piece * sw->per_piece;
-            uint64_t in_piece =
-                sw->nblocks - first < sw->per_piece ? sw->nblocks - first : sw->per_piece;
-            uint8_t *leaves = malloc(32u * in_piece);
-            uint64_t got = 0;
-            if (leaves && m->index + m->count <= first + in_piece) {
-                int rc =
-                    dg_piece_cache_leaves(s->cfg.cache, sw->root, piece, leaves, in_piece, &got);
-                if (rc == -ENODATA && sw->content) {
-                    /* A shared file keeps only its piece layer: hash the piece's blocks. */
-                    uint8_t *block = s->buf;
-                    rc = 0;
-                    for (got = 0; got < in_piece && rc == 0; got++) {
-                        size_t len = dg_peer_block_size(sw->length, (uint32_t)(first + got));
-                        if (dg_content_read(sw->content, block, len,
-                                            (first + got) * DG_MERKLE_BLOCK_SIZE) != (ssize_t)len)
-                            rc = -EIO;
-                        else
-                            rc = dg_merkle_sha256(block, len, leaves + 32 * got);
-                    }
-                }
-                if (rc == 0 && got == in_piece) {
-                    hashes = malloc(32u * m->count);
-                    if (hashes) {
-                        memcpy(hashes, leaves + 32 * (m->index - first), 32u * m->count);
-                        n = m->count;
-                        ok = 1;
-                    }
-                }
-            }
-            free(leaves);
+            hashes = malloc(32u * m->count);
+            ok = hashes && leaf_range(sw, m->index, m->count, hashes) == 0;
+            n = m->count;
         }
     }
     if (ok)
@@ -1405,28 +1443,44 @@ static int on_block(struct peer *p, const struct dg_peer_msg *m)
 static int on_hashes(struct peer *p, const struct dg_peer_msg *m)
 {
     struct swarm *sw = p->sw;
+    unsigned i;
+    int rc = 0;
 
-    if (!p->hash_out || m->layer != p->hash_layer || m->index != p->hash_index ||
-        m->count != p->hash_count || m->proof_layers != 0)
+    for (i = 0; i < p->nhreqs; i++)
+        if (m->layer == p->hreqs[i].layer && m->index == p->hreqs[i].index &&
+            m->count == p->hreqs[i].count && m->proof_layers == 0)
+            break;
+    if (i == p->nhreqs)
         return DG_PEER_CLOSE_PROTOCOL; /* not what we asked */
-    p->hash_out = 0;
+    drop_hash_request(p, i);
     if (!sw->known)
         return meta_hashes(sw, p, m);
-    if (m->layer != 0)
+    if (m->layer != 0 || m->index % sw->per_piece != 0)
         return 0;
-    uint64_t piece = m->index / sw->per_piece;
-    sw->leaves_asked[piece / 8] &= (uint8_t) ~(1u << (piece % 8));
-    if (bit_get(sw->leaves_known, piece))
-        return 0;
-    int rc = dg_piece_cache_put_leaves(sw->s->cfg.cache, sw->root, piece, m->data, m->count);
-    if (rc == -EBADMSG) {
-        ban(sw->s, p, "leaf hashes do not match the piece layer");
-        return DG_PEER_CLOSE_BAD_DATA;
+    /* One piece after another: each is checked against its piece-layer hash. */
+    int stored = 0;
+    for (uint64_t off = 0; off < m->count; off += sw->per_piece) {
+        uint64_t piece = (m->index + off) / sw->per_piece;
+        uint64_t in_piece = sw->nblocks - piece * sw->per_piece < sw->per_piece
+                                ? sw->nblocks - piece * sw->per_piece
+                                : sw->per_piece;
+        if (m->count - off < in_piece)
+            break; /* a partial piece (files over 32 GiB): not usable alone */
+        if (bit_get(sw->leaves_known, piece))
+            continue;
+        rc = dg_piece_cache_put_leaves(sw->s->cfg.cache, sw->root, piece, m->data + 32 * off,
+                                       in_piece);
+        if (rc == -EBADMSG) {
+            ban(sw->s, p, "leaf hashes do not match the piece layer");
+            return DG_PEER_CLOSE_BAD_DATA;
+        }
+        if (rc == 0) {
+            bit_set(sw->leaves_known, piece);
+            stored = 1;
+        }
     }
-    if (rc == 0) {
-        bit_set(sw->leaves_known, piece);
+    if (stored)
         sw->s->cfg.host.commit(sw->s->cfg.host.arg); /* put_block reads them */
-    }
     swarm_dirty(sw);
     return 0;
 }
@@ -1532,15 +1586,16 @@ static int on_message(struct dg_peer_conn *c, const struct dg_peer_msg *m)
         rc = on_hashes(p, m);
         break;
     case DG_PEER_MSG_HASH_REJECT:
-        if (!p->hash_out)
-            break;
-        p->hash_out = 0;
-        if (!sw->known && sw->meta_peer == p)
-            meta_failed(sw, p);
-        else if (sw->known && p->hash_layer == 0)
-            sw->leaves_asked[(p->hash_index / sw->per_piece) / 8] &=
-                (uint8_t) ~(1u << ((p->hash_index / sw->per_piece) % 8));
-        swarm_dirty(sw);
+        for (unsigned i = 0; i < p->nhreqs; i++) {
+            if (p->hreqs[i].layer == m->layer && p->hreqs[i].index == m->index &&
+                p->hreqs[i].count == m->count) {
+                drop_hash_request(p, i);
+                if (!sw->known && sw->meta_peer == p)
+                    meta_failed(sw, p);
+                swarm_dirty(sw);
+                break;
+            }
+        }
         break;
     case DG_PEER_MSG_PEX:
         on_pex(p, m);
@@ -1668,9 +1723,8 @@ static void drop_peer(struct peer *p)
             if (peer_has(p, b) && sw->avail[b] > 0)
                 sw->avail[b]--;
     }
-    if (p->hash_out && sw->known && p->hash_layer == 0)
-        sw->leaves_asked[(p->hash_index / sw->per_piece) / 8] &=
-            (uint8_t) ~(1u << ((p->hash_index / sw->per_piece) % 8));
+    while (p->nhreqs > 0)
+        drop_hash_request(p, p->nhreqs - 1);
     if (sw->meta_peer == p)
         meta_failed(sw, NULL);
     if (sw->optimistic == p)
@@ -1838,13 +1892,14 @@ static void expire(struct swarm *sw, uint64_t now)
         }
     }
     for (struct peer *p = sw->peers; p; p = p->next) {
-        if (p->hash_out && now - p->hash_sent_at >= META_TIMEOUT_MS) {
-            p->hash_out = 0;
+        for (unsigned i = 0; i < p->nhreqs;) {
+            if (now - p->hreqs[i].sent_at < META_TIMEOUT_MS) {
+                i++;
+                continue;
+            }
+            drop_hash_request(p, i);
             if (!sw->known && sw->meta_peer == p)
                 meta_failed(sw, p);
-            else if (sw->known && p->hash_layer == 0)
-                sw->leaves_asked[(p->hash_index / sw->per_piece) / 8] &=
-                    (uint8_t) ~(1u << ((p->hash_index / sw->per_piece) % 8));
         }
         if (!sw->known && sw->meta == META_BLOCK && sw->meta_peer == p && p->nreqs > 0 &&
             now - p->reqs[0].sent_at >= META_TIMEOUT_MS) {
@@ -2097,16 +2152,22 @@ void dg_swarms_read(struct dg_swarms *s, const uint8_t root[32], uint64_t off, u
     sw->last_used = sw->last_read = now_ms(s);
     if (!sw->known || sw->nheld == sw->nblocks)
         return;
-    /* A read starting where the last one ended (give or take the kernel's read-ahead) is
-     * sequential: the window ahead of it doubles; any other read starts over. */
-    if (sw->seq_end && off <= sw->seq_end + READAHEAD_MIN && off + len >= sw->seq_end)
+    /* Sequential readers get a read-ahead window that doubles with each read; the kernel's
+     * own read-ahead sends reads in parallel and out of order, so a read a little behind the
+     * furthest one is still sequential. Any other read starts over without read-ahead. */
+    uint64_t end = off + len, slack = sw->window > (4u << 20) ? sw->window : (4u << 20);
+    if (sw->seq_end && end <= sw->seq_end && end + slack >= sw->seq_end) {
+        /* late, from inside the window: nothing changes */
+    } else if (sw->seq_end && off <= sw->seq_end + slack && end + slack >= sw->seq_end) {
         sw->window = sw->window ? (sw->window * 2 > READAHEAD_MAX ? READAHEAD_MAX : sw->window * 2)
                                 : READAHEAD_MIN;
-    else
+        sw->seq_end = end > sw->seq_end ? end : sw->seq_end;
+    } else {
         sw->window = 0;
-    sw->seq_end = off + len;
-    sw->ra_from = off + len;
-    sw->ra_to = off + len + sw->window;
+        sw->seq_end = end;
+    }
+    sw->ra_from = sw->seq_end;
+    sw->ra_to = sw->seq_end + sw->window;
     connect_more(sw, now_ms(s));
     swarm_dirty(sw);
 }

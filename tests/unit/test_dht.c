@@ -534,6 +534,21 @@ static void test_bootstrap_60(void **state)
     net_free(net);
 }
 
+/* A healthy node does not ask to be ticked again at once: its wait is never 0 right after a
+ * tick (a node that did would spin the engine's loop). */
+static void test_healthy_node_waits(void **state)
+{
+    (void)state;
+    struct net *net = net_swarm(12, 4242, 90000);
+
+    for (int i = 0; i < net->n; i++) {
+        assert_true(stats_of(net, i).good >= DG_DHT_K);
+        dg_dht_tick(net->node[i], net->now);
+        assert_true(dg_dht_tick(net->node[i], net->now) > 0);
+    }
+    net_free(net);
+}
+
 static void test_announce_and_find(void **state)
 {
     (void)state;
@@ -1146,6 +1161,7 @@ int main(void)
         cmocka_unit_test(test_ping_bytes),
         cmocka_unit_test(test_three_nodes),
         cmocka_unit_test(test_bootstrap_60),
+        cmocka_unit_test(test_healthy_node_waits),
         cmocka_unit_test(test_announce_and_find),
         cmocka_unit_test(test_tokens),
         cmocka_unit_test(test_search_with_loss),
