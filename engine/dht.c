@@ -880,6 +880,8 @@ int dg_dht_new(const struct dg_dht_config *cfg, uint64_t now_ms, struct dg_dht *
         memset(&pc, 0, sizeof(pc));
     pc.rand_bytes = cfg->rand_bytes;
     pc.rand_arg = cfg->rand_arg;
+    if (cfg->table_flags & DG_DHT_TABLE_SAME_IP)
+        pc.same_ip = 1; /* many nodes on one loopback address announce there */
     rc2 = dg_dht_peer_store_new(&pc, &d->store);
     if (rc2 != 0)
         goto fail;

@@ -1004,6 +1004,7 @@ struct skey {
 struct dg_dht_peer_store {
     size_t max_keys, max_peers, max_per_key;
     uint64_t ttl;
+    int same_ip;
     dg_rand_bytes_fn rand_bytes;
     void *rand_arg;
     uint64_t seed;
@@ -1030,6 +1031,7 @@ int dg_dht_peer_store_new(const struct dg_dht_peer_store_config *cfg,
     s->max_peers = cfg->max_peers ? cfg->max_peers : 20000;
     s->max_per_key = cfg->max_per_key ? cfg->max_per_key : 100;
     s->ttl = cfg->ttl_ms ? cfg->ttl_ms : 30u * 60 * 1000;
+    s->same_ip = cfg->same_ip;
     s->rand_bytes = cfg->rand_bytes;
     s->rand_arg = cfg->rand_arg;
     if (s->max_keys > ((size_t)1 << 24)) {
@@ -1164,7 +1166,8 @@ int dg_dht_peer_store_add(struct dg_dht_peer_store *s, const uint8_t info_hash[D
         k->touched = now_ms;
         for (size_t i = 0; i < k->n; i++) {
             struct speer *p = &k->peers[i];
-            if (p->alen == alen && memcmp(p->ip, np.ip, alen) == 0) {
+            if (p->alen == alen && memcmp(p->ip, np.ip, alen) == 0 &&
+                (!s->same_ip || p->port == np.port)) {
                 p->port = np.port;
                 p->seen = now_ms;
                 s->st.updated++;

@@ -318,6 +318,7 @@ struct dg_dht_peer_store_config {
     size_t max_peers;   /* 0: 20000 */
     size_t max_per_key; /* 0: 100 */
     uint64_t ttl_ms;    /* 0: 30 minutes */
+    int same_ip;        /* one peer per IP and port instead of per IP (loopback tests) */
     dg_rand_bytes_fn rand_bytes;
     void *rand_arg;
 };
@@ -338,7 +339,8 @@ int dg_dht_peer_store_new(const struct dg_dht_peer_store_config *cfg,
 /* Frees @p s (NULL allowed). */
 void dg_dht_peer_store_free(struct dg_dht_peer_store *s);
 
-/* Stores (or refreshes) peer @p addr for @p info_hash, seen at @p now_ms.
+/* Stores (or refreshes) peer @p addr for @p info_hash, seen at @p now_ms. One peer is kept per
+ * IP (per IP and port with same_ip).
  * @return 0 (added), 1 (known IP: port and time updated), -EINVAL (unusable address), or
  *         -ENOMEM. */
 int dg_dht_peer_store_add(struct dg_dht_peer_store *s, const uint8_t info_hash[DG_NODE_ID_LEN],

@@ -1489,6 +1489,7 @@ static int start_network(struct dg_engine *e)
         sc.port = (uint16_t)port;
         sc.peers = e->peers;
         sc.lookup_timeout_ms = e->cfg.lookup_timeout_ms;
+        sc.announce_complete = e->cfg.announce_cached;
         rc = dg_swarms_start(&sc, &e->swarms);
         if (rc < 0) {
             dg_dht_service_stop(e->dht, NULL, NULL);

@@ -28,6 +28,7 @@
 #define OPTIMISTIC_MS 30000u
 #define UNCHOKE_SLOTS 4
 #define PEX_INTERVAL_MS 60000u
+#define PEX_FIRST_MS 3000u           /* the first pex goes soon after the hello */
 #define SERVE_QUEUE_BYTES (4u << 20) /* serve while less than this waits in the socket queue */
 #define MIN_PIPELINE 128u
 #define READAHEAD_MIN (1u << 20)
@@ -91,7 +92,7 @@ struct peer {
     uint64_t got_recent, gave_recent; /* bytes of blocks in this choke round */
     uint64_t rate_in;                 /* bytes per second of blocks, smoothed */
     uint64_t rate_window_start, rate_window_bytes;
-    uint64_t last_pex;
+    uint64_t next_pex;
 };
 
 struct lookup {
@@ -1435,6 +1436,8 @@ static int on_block(struct peer *p, const struct dg_peer_msg *m)
     if (sw->nheld == sw->nblocks) {
         for (struct peer *q = sw->peers; q; q = q->next)
             update_interest(q);
+        if (s->cfg.announce_complete)
+            dg_swarms_announce(s, sw->root, 1);
     }
     swarm_dirty(sw);
     return 0;
@@ -1625,7 +1628,7 @@ static int attach(struct swarm *sw, struct dg_peer_conn *c)
     p->choked_by = 1;
     p->choking = 1;
     p->target = MIN_PIPELINE;
-    p->last_pex = now_ms(sw->s);
+    p->next_pex = now_ms(sw->s) + PEX_FIRST_MS;
     p->next = sw->peers;
     sw->peers = p;
     sw->npeers++;
@@ -1958,8 +1961,8 @@ static void on_tick(uv_timer_t *t)
             sw->next_choke = now + CHOKE_ROUND_MS;
         }
         for (struct peer *p = sw->peers; p; p = p->next) {
-            if (p->pex && p->got_hello && now - p->last_pex >= PEX_INTERVAL_MS) {
-                p->last_pex = now;
+            if (p->pex && p->got_hello && now >= p->next_pex) {
+                p->next_pex = now + PEX_INTERVAL_MS;
                 send_pex(p);
             }
         }

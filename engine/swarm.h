@@ -67,6 +67,7 @@ struct dg_swarms_config {
     uint16_t port;              /* TCP port to listen on (0: any) */
     const char *peers;          /* "HOST:PORT[+HOST:PORT...]" added to every swarm, or NULL */
     uint32_t lookup_timeout_ms; /* a lookup of an unknown root fails after this */
+    int announce_complete;      /* announce a root once the cache holds all of it */
 };
 
 struct dg_swarm_stats {

@@ -189,4 +189,37 @@ def test_pinned_root_is_fetched_completely():
     T.check_bytes(T.read_file(d.by_hash(root)), data, "pinned root read with the seeder gone")
 
 
+def test_port_kept_across_restarts():
+    """Without port=, a node picks a port and keeps it: after a restart it listens on the
+    same one (peers and DHT nodes that knew it still find it)."""
+    m = T.Mount("port-keep")
+    port = T.status_json(m)["network"]["port"]
+    check(0 < port < 65536, f"port {port}")
+    m.unmount()
+    m.start()
+    check_eq(T.status_json(m)["network"]["port"], port, "port after a restart")
+
+
+def test_complete_cached_root_is_announced():
+    """A root fetched completely into the cache is announced on the DHT (announce_cached
+    defaults to yes): once the first seeder is gone, a node that only has the DHT finds the
+    root at the node that fetched it."""
+    data = T.data_of(2 * MIB + 3, 308)
+    port_d = T.free_port()
+    d = T.Mount("ann-d", opts=[f"port={port_d}"])  # a plain DHT node that stays
+    boot = f"bootstrap=127.0.0.1:{port_d}"
+    a, root, port_a = seeder("ann-a", data, opts=[boot])
+    b = T.Mount("ann-b", opts=[boot, f"peers=127.0.0.1:{port_a}"])
+    T.wait_until(lambda: T.status_json(b)["network"]["dht"]["nodes"] >= 2,
+                 "B's DHT table to know D and A", timeout=60)
+    T.check_bytes(T.read_file(b.by_hash(root)), data, "B's read from A")
+    T.wait_until(lambda: T.status_json(d)["network"]["dht"]["stored_peers"] >= 2,
+                 "D to store the announces of A and B", timeout=90)
+    a.unmount()
+    c = T.Mount("ann-c", opts=[boot, "lookup_timeout=30"])
+    st = T.wait_until(lambda: _stat_or_none(c.by_hash(root)), "C's lookup through the DHT",
+                      timeout=90, interval=0.5)
+    check_eq(st.st_size, len(data), "size found through B's announce")
+    T.check_bytes(T.read_file(c.by_hash(root)), data, "C's read from B")
+
 T.main()

@@ -1364,6 +1364,30 @@ static void test_peer_store_basic(void **state)
     dg_dht_peer_store_free(NULL);
 }
 
+/* With same_ip (loopback labs), peers on one address with different ports are all kept. */
+static void test_peer_store_same_ip(void **state)
+{
+    uint64_t seed = 16;
+    uint8_t h[DG_NODE_ID_LEN];
+    struct dg_dht_compact out[8];
+    struct dg_dht_peer_store_config cfg;
+    struct dg_dht_peer_store *s = NULL;
+
+    (void)state;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.same_ip = 1;
+    cfg.rand_bytes = rng_bytes;
+    cfg.rand_arg = &seed;
+    assert_int_equal(dg_dht_peer_store_new(&cfg, &s), 0);
+    hash_of(3, h);
+    struct sockaddr_storage a = v4("127.0.0.1", 6881), a2 = v4("127.0.0.1", 7000);
+    assert_int_equal(dg_dht_peer_store_add(s, h, SA(a), T0), 0);
+    assert_int_equal(dg_dht_peer_store_add(s, h, SA(a2), T0), 0);
+    assert_int_equal(dg_dht_peer_store_add(s, h, SA(a2), T0 + 1), 1); /* refreshed */
+    assert_int_equal(dg_dht_peer_store_get(s, h, AF_INET, out, 8, T0 + 2), 2);
+    dg_dht_peer_store_free(s);
+}
+
 static void test_peer_store_bounds(void **state)
 {
     uint64_t seed = 16;
@@ -1709,6 +1733,7 @@ int main(void)
         cmocka_unit_test(test_load_skips_bad_entries),
         cmocka_unit_test(test_tokens),
         cmocka_unit_test(test_peer_store_basic),
+        cmocka_unit_test(test_peer_store_same_ip),
         cmocka_unit_test(test_peer_store_bounds),
         cmocka_unit_test(test_peer_store_churn),
         cmocka_unit_test(test_peer_store_sampling),
