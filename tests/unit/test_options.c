@@ -529,6 +529,62 @@ static void test_errors(void **state)
     assert_int_equal(strlen(tiny), sizeof(tiny) - 1);
 }
 
+/* The swarm options: port, bootstrap, peers, lookup_timeout, announce_cached, offline. */
+static void test_network_options(void **state)
+{
+    struct dg_options o;
+    char err[256];
+    int rc;
+
+    (void)state;
+    assert_int_equal(parse(&o, err, sizeof(err), "m", NULL), 0);
+    assert_int_equal(o.port, 0);
+    assert_null(o.bootstrap); /* the public routers */
+    assert_null(o.peers);
+    assert_int_equal(o.lookup_timeout_ms, DG_DEFAULT_LOOKUP_TIMEOUT_MS);
+    assert_int_equal(o.announce_cached, 1);
+    assert_int_equal(o.offline, 0);
+    dg_options_free(&o);
+
+    assert_int_equal(parse(&o, err, sizeof(err), "m", "-o",
+                           "port=6881,bootstrap=127.0.0.1:7000+[::1]:7001,lookup_timeout=2.5,"
+                           "peers=127.0.0.1:1+[::1]:2,announce_cached=no,offline",
+                           NULL),
+                     0);
+    assert_int_equal(o.port, 6881);
+    assert_string_equal(o.bootstrap, "127.0.0.1:7000+[::1]:7001");
+    assert_string_equal(o.peers, "127.0.0.1:1+[::1]:2");
+    assert_int_equal(o.lookup_timeout_ms, 2500);
+    assert_int_equal(o.announce_cached, 0);
+    assert_int_equal(o.offline, 1);
+    assert_string_equal(o.fuse_opts, ""); /* none of them reaches libfuse */
+    dg_options_free(&o);
+
+    assert_int_equal(parse(&o, err, sizeof(err), "m", "-o", "bootstrap=none", NULL), 0);
+    assert_string_equal(o.bootstrap, "none");
+    dg_options_free(&o);
+
+    static const char *const bad[][2] = {
+        {"port=65536", "port"},
+        {"port=-1", "port"},
+        {"port=", "port"},
+        {"port=12ab", "port"},
+        {"bootstrap=host", "bootstrap"},
+        {"bootstrap=h:0", "bootstrap"},
+        {"bootstrap=", "bootstrap"},
+        {"peers=example.org:1", "peers"},
+        {"peers=1.2.3.4", "peers"},
+        {"peers=1.2.3.4:1+", "peers"},
+        {"peers=[::1]:0", "peers"},
+        {"lookup_timeout=x", "lookup_timeout"},
+        {"announce_cached=maybe", "announce_cached"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        rc = parse(&o, err, sizeof(err), "m", "-o", bad[i][0], NULL);
+        expect_usage_error(bad[i][0], rc, &o, err, bad[i][1]);
+    }
+}
+
 static void test_usage(void **state)
 {
     char *text = NULL;
@@ -560,6 +616,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fuse_passthrough, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_fuse_option, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_network_options, setup, teardown),
         cmocka_unit_test(test_usage),
     };
 
