@@ -1356,6 +1356,17 @@ static size_t host_dht_nodes(void *arg)
     return st.nodes;
 }
 
+static void host_make_room(void *arg, const uint8_t root[32])
+{
+    struct dg_engine *e = arg;
+    uint64_t stored = 0;
+
+    /* Swarms keep their roots open (never evicted): idle ones let go first. */
+    dg_swarms_release_idle(e->swarms, root);
+    if (dg_piece_cache_stored_bytes(e->cache, &stored) == 0)
+        enforce_cache_size(e, stored - stored / 10);
+}
+
 static void host_commit(void *arg)
 {
     batch_commit(arg);
@@ -1480,6 +1491,7 @@ static int start_network(struct dg_engine *e)
         sc.cache = e->cache;
         sc.host.arg = e;
         sc.host.commit = host_commit;
+        sc.host.make_room = host_make_room;
         sc.host.dht_nodes = host_dht_nodes;
         sc.host.stored = host_stored;
         sc.host.open = host_open;
@@ -1813,6 +1825,12 @@ static void flush_tick(uv_timer_t *timer)
 
     if (rc < 0)
         dg_log(DG_LOG_ERROR, "engine", "flushing the piece cache: %s", strerror(-rc));
+    if (e->swarms && e->cfg.cache_size) {
+        uint64_t stored = 0;
+        /* Over the limit: swarms nobody waits on let go of their roots so they can go. */
+        if (dg_piece_cache_stored_bytes(e->cache, &stored) == 0 && stored > e->cfg.cache_size)
+            dg_swarms_release_idle(e->swarms, NULL);
+    }
     enforce_cache_size(e, e->cfg.cache_size);
     if (e->retries && ++e->ticks % RETRY_EVERY_TICKS == 0) {
         struct retry_path *r = e->retries;

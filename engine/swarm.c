@@ -31,6 +31,7 @@
 #define PEX_FIRST_MS 3000u           /* the first pex goes soon after the hello */
 #define SERVE_QUEUE_BYTES (4u << 20) /* serve while less than this waits in the socket queue */
 #define MIN_PIPELINE 128u
+#define STORE_PAUSE_MS 1000u /* after a block could not be stored */
 #define READAHEAD_MIN (1u << 20)
 #define READAHEAD_MAX (64u << 20)
 #define ANNOUNCES_AT_ONCE 4
@@ -141,6 +142,7 @@ struct swarm {
     struct lookup *lookups;
     uint64_t last_used, last_dht;
     uint64_t last_read;       /* a reader read or waited here */
+    uint64_t pause_until;     /* storing failed: no requests until then */
     uint64_t seq_end, window; /* read-ahead: where sequential reads went, and how far ahead */
     uint64_t ra_from, ra_to;
     uint64_t bytes_in, bytes_out;
@@ -1033,6 +1035,8 @@ static void pick(struct swarm *sw)
     struct pick_ctx pc = {sw, now_ms(s), 1};
 
     sw->dirty = 0;
+    if (pc.now < sw->pause_until)
+        return; /* the tick marks it dirty again */
     if (!sw->known) {
         meta_step(sw);
         return;
@@ -1407,15 +1411,24 @@ static int on_block(struct peer *p, const struct dg_peer_msg *m)
     if (bit_get(sw->held, m->block))
         return 0; /* a duplicate of the endgame */
     int rc = dg_piece_cache_put_block(s->cfg.cache, sw->root, m->block, m->data, m->data_len);
+    if (rc == -ENOSPC && s->cfg.host.make_room) {
+        s->cfg.host.make_room(s->cfg.host.arg, sw->root);
+        rc = dg_piece_cache_put_block(s->cfg.cache, sw->root, m->block, m->data, m->data_len);
+    }
     if (rc == -EBADMSG) {
         ban(s, p, "a block does not match its leaf hash");
         return DG_PEER_CLOSE_BAD_DATA;
     }
     if (rc < 0) {
-        char hex[DG_ROOT_HEX_LEN + 1];
-        dg_root_format(sw->root, hex);
-        dg_log(DG_LOG_WARN, "swarm", "block %u of %s not stored: %s", m->block, hex, strerror(-rc));
-        swarm_dirty(sw);
+        /* Storage failed (disk full, I/O error): the block is asked again after a pause,
+         * not at network speed. */
+        if (now >= sw->pause_until) {
+            char hex[DG_ROOT_HEX_LEN + 1];
+            dg_root_format(sw->root, hex);
+            dg_log(DG_LOG_WARN, "swarm", "block %u of %s not stored: %s; pausing", m->block, hex,
+                   strerror(-rc));
+        }
+        sw->pause_until = now + STORE_PAUSE_MS;
         return 0;
     }
     bit_set(sw->held, m->block);
@@ -2260,6 +2273,32 @@ void dg_swarms_announce(struct dg_swarms *s, const uint8_t root[32], int on)
     a->due = 0; /* now */
     a->next = s->announces;
     s->announces = a;
+}
+
+static void count_wanted(void *ctx, uint64_t off, uint64_t len)
+{
+    (void)off;
+    (void)len;
+    (*(int *)ctx)++;
+}
+
+size_t dg_swarms_release_idle(struct dg_swarms *s, const uint8_t *keep)
+{
+    struct swarm *sw = s->swarms, *next;
+    size_t n = 0;
+
+    for (; sw; sw = next) {
+        int waiting = 0;
+        next = sw->next;
+        if ((keep && memcmp(sw->root, keep, 32) == 0) || sw->lookups || sw->pinned)
+            continue;
+        s->cfg.host.each_wanted(s->cfg.host.arg, sw->root, count_wanted, &waiting);
+        if (waiting)
+            continue;
+        swarm_free(sw);
+        n++;
+    }
+    return n;
 }
 
 void dg_swarms_stats(const struct dg_swarms *s, struct dg_swarm_stats *out)

@@ -43,6 +43,9 @@ struct dg_swarm_host {
     /* Makes what the swarm wrote to the piece cache visible to its readers (commits the
      * engine's open write batch). */
     void (*commit)(void *arg);
+    /* The disk is full while storing a block of @p root: evict what may be evicted (least
+     * recently used roots, after dg_swarms_release_idle()). */
+    void (*make_room)(void *arg, const uint8_t root[32]);
     /* Blocks of @p root were stored: reads waiting for them can be answered. */
     void (*stored)(void *arg, const uint8_t root[32]);
     /* Opens @p root for serving (engine.h dg_engine_open). */
@@ -137,6 +140,11 @@ void dg_swarms_found(struct dg_swarms *s, const uint8_t key[20], const struct dg
 /* Announces @p root on the DHT now and every DG_SWARM_REANNOUNCE_MS (a root we hold
  * completely), or stops announcing it (@p on 0). */
 void dg_swarms_announce(struct dg_swarms *s, const uint8_t root[32], int on);
+
+/* Drops the swarms nobody waits on (no reader waiting, no lookup, not pinned), except the one
+ * of @p keep (may be NULL), so that their roots can be evicted. Their peers are disconnected.
+ * @return how many were dropped. */
+size_t dg_swarms_release_idle(struct dg_swarms *s, const uint8_t *keep);
 
 /* Totals. */
 void dg_swarms_stats(const struct dg_swarms *s, struct dg_swarm_stats *out);

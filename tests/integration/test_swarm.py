@@ -222,4 +222,29 @@ def test_complete_cached_root_is_announced():
     check_eq(st.st_size, len(data), "size found through B's announce")
     T.check_bytes(T.read_file(c.by_hash(root)), data, "C's read from B")
 
+def test_cache_limit_and_full_cache_disk():
+    """Fetched content obeys cache_size, and a cache disk that fills up makes room by evicting
+    what nobody reads: a node whose cache is an 8 MiB tmpfs reads two 6 MiB files in turn,
+    both byte-exact, and a third node with cache_size=8M stays near its limit."""
+    if os.geteuid() != 0:
+        raise T.SkipTest("needs root to mount a small tmpfs as the cache dir")
+    one, two = T.data_of(6 * MIB, 309), T.data_of(6 * MIB + 1, 310)
+    a, root1, port_a = seeder("cachefull-a", one, rel="one.bin")
+    root2 = T.share(a, "two.bin", two)
+    r = T.Mount("cachefull-r", start=False)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", r.cache],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        raise T.SkipTest(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    r.start([f"peers=127.0.0.1:{port_a}", "read_timeout=20"])
+    T.check_bytes(T.read_file(r.by_hash(root1)), one, "first file through an 8 MiB cache")
+    T.check_bytes(T.read_file(r.by_hash(root2)), two, "second file: the first made room")
+    check(r.alive(), "digfs alive after filling its cache disk")
+    limited = T.Mount("cachelimit-r", opts=[f"peers=127.0.0.1:{port_a}", "cache_size=8M"])
+    T.check_bytes(T.read_file(limited.by_hash(root1)), one, "first file, cache_size=8M")
+    T.check_bytes(T.read_file(limited.by_hash(root2)), two, "second file, cache_size=8M")
+    T.wait_until(lambda: T.status_json(limited)["cache"]["bytes"] <= 8 * MIB,
+                 "the cache to shrink back under cache_size", timeout=30)
+
+
 T.main()
