@@ -16,14 +16,16 @@
 
 #define TICK_MS 500u
 #define MAX_STATIC_PEERS 16
-#define MAX_CANDIDATES 200        /* addresses known per swarm */
-#define MAX_ACCEPTING 256         /* incoming connections before their handshake */
-#define META_TIMEOUT_MS 10000u    /* a metadata request unanswered: ask another peer */
-#define REQUEST_TIMEOUT_MS 60000u /* a block request unanswered: ask another peer */
-#define URGENT_DUP_MS 1500u       /* a waited-for block this late is also asked elsewhere */
-#define IDLE_SWARM_MS 60000u      /* a swarm nobody uses is dropped after this */
-#define DHT_RETRY_MS 5000u        /* DHT lookups of a wanted root without peers... */
-#define DHT_REFRESH_MS 300000u    /* ...and again this often while it is wanted */
+#define MAX_CANDIDATES 200                 /* addresses known per swarm */
+#define MAX_ACCEPTING 256                  /* incoming connections before their handshake */
+#define MAX_TOTAL_PEERS 1000               /* connected peers over all swarms */
+#define MAX_UNVERIFIED_BLOCKS (1ull << 26) /* holdings tracked for a length not verified yet */
+#define META_TIMEOUT_MS 10000u             /* a metadata request unanswered: ask another peer */
+#define REQUEST_TIMEOUT_MS 60000u          /* a block request unanswered: ask another peer */
+#define URGENT_DUP_MS 1500u    /* a waited-for block this late is also asked elsewhere */
+#define IDLE_SWARM_MS 60000u   /* a swarm nobody uses is dropped after this */
+#define DHT_RETRY_MS 5000u     /* DHT lookups of a wanted root without peers... */
+#define DHT_REFRESH_MS 300000u /* ...and again this often while it is wanted */
 #define CHOKE_ROUND_MS 10000u
 #define OPTIMISTIC_MS 30000u
 #define UNCHOKE_SLOTS 4
@@ -1336,6 +1338,8 @@ static int note_have(struct peer *p, uint64_t first, uint64_t count)
     }
     if (!p->has_len)
         return DG_PEER_CLOSE_PROTOCOL; /* a block count needs a length */
+    if (!sw->known && p->nblocks > MAX_UNVERIFIED_BLOCKS)
+        return 0; /* a claimed length over 1 TiB gets no bitmap before it is verified */
     if (!p->have && !p->have_all) {
         p->have = calloc((size_t)((p->nblocks + 7) / 8) + 1, 1);
         if (!p->have)
@@ -1703,7 +1707,7 @@ static int on_handshake(struct dg_peer_conn *c, const struct dg_peer_handshake *
         if (!sw)
             return DG_PEER_CLOSE_HANDSHAKE; /* nothing we hold or want */
     }
-    if (sw->npeers >= DG_SWARM_MAX_PEERS)
+    if (sw->npeers >= DG_SWARM_MAX_PEERS || s->stats.peers >= MAX_TOTAL_PEERS)
         return DG_PEER_CLOSE_LOCAL;
     for (struct peer *q = sw->peers; q; q = q->next)
         if (memcmp(q->node_id, hs->node_id, 20) == 0)
@@ -1852,7 +1856,9 @@ static void connect_more(struct swarm *sw, uint64_t now)
 {
     if (!swarm_wanted(sw))
         return;
-    for (size_t i = 0; i < sw->ncands && sw->npeers < DG_SWARM_MAX_PEERS; i++) {
+    for (size_t i = 0;
+         i < sw->ncands && sw->npeers < DG_SWARM_MAX_PEERS && sw->s->stats.peers < MAX_TOTAL_PEERS;
+         i++) {
         struct candidate *cand = &sw->cands[i];
         if (cand->connected || (cand->next_try && now < cand->next_try) ||
             is_banned(sw->s, &cand->addr))
