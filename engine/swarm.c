@@ -127,7 +127,8 @@ struct swarm {
     uint8_t *leaves_asked; /* per piece: a hash_request for its leaves is outstanding */
     struct dg_content *content;
     int pinned;
-    int dirty; /* pick again at the next loop turn */
+    int dirty;   /* pick again at the next loop turn */
+    int endgame; /* every missing block is asked for: late ones go to a second peer */
     /* metadata being learned */
     enum meta_stage meta;
     struct peer *meta_peer;
@@ -970,8 +971,9 @@ static int pick_block(struct swarm *sw, uint64_t block, int urgent, uint64_t now
         return 1;
     }
     if (sw->requested[block] > 0) {
-        /* Endgame for readers: a late block is also asked of another peer. */
-        if (!urgent || sw->requested[block] >= 2)
+        /* Endgame: a late block a reader waits for, or any late block once every missing
+         * block is asked for, is also asked of another peer. */
+        if (!(urgent || sw->endgame) || sw->requested[block] >= 2)
             return 1;
         int late = 1;
         for (struct peer *p = sw->peers; p && late; p = p->next)
@@ -1016,6 +1018,14 @@ static void pick_rarest(struct swarm *sw, uint64_t now)
 {
     unsigned rarest = UINT16_MAX + 1u, commonest = 0;
 
+    if (sw->endgame) {
+        /* Everything missing is asked for: late blocks go to a second peer. */
+        for (uint64_t b = 0; b < sw->nblocks && room_left(sw); b++)
+            if (!bit_get(sw->held, b) && sw->requested[b] == 1)
+                pick_block(sw, b, 0, now);
+        return;
+    }
+
     for (uint64_t b = 0; b < sw->nblocks; b++) {
         if (bit_get(sw->held, b) || sw->requested[b] || sw->avail[b] == 0)
             continue;
@@ -1045,6 +1055,10 @@ static void pick(struct swarm *sw)
     }
     if (sw->nheld == sw->nblocks)
         return;
+    uint64_t outstanding = 0;
+    for (struct peer *p = sw->peers; p; p = p->next)
+        outstanding += p->nreqs;
+    sw->endgame = sw->nblocks - sw->nheld <= outstanding;
     s->cfg.host.each_wanted(s->cfg.host.arg, sw->root, pick_wanted, &pc);
     if (sw->ra_to > sw->ra_from && room_left(sw))
         pick_range(sw, sw->ra_from, sw->ra_to - sw->ra_from, 0, pc.now);

@@ -14,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digfs_test as T  # noqa: E402
+import wire_peer as W  # noqa: E402
 from digfs_test import check, check_eq  # noqa: E402
 
 MIB = 1 << 20
@@ -245,6 +246,31 @@ def test_cache_limit_and_full_cache_disk():
     T.check_bytes(T.read_file(limited.by_hash(root2)), two, "second file, cache_size=8M")
     T.wait_until(lambda: T.status_json(limited)["cache"]["bytes"] <= 8 * MIB,
                  "the cache to shrink back under cache_size", timeout=30)
+
+
+def test_endgame_routes_around_a_stalled_peer():
+    """A peer that takes requests and never answers them (a stalled or overloaded peer) does
+    not hold a fetch up: once every missing block is asked for, late ones go to a second peer
+    (endgame), long before the 60 s request timeout."""
+    data = T.data_of(4 * MIB + 9, 311)
+    stalled = W.Seeder(data, stall="all")
+    try:
+        a, root, port_a = seeder("endgame-a", data)
+        d = T.Mount("endgame-d", opts=[f"peers=127.0.0.1:{stalled.port}+127.0.0.1:{port_a}"])
+        check_eq(os.stat(d.by_hash(root)).st_size, len(data), "size after lookup")
+        T.wait_until(lambda: (swarm_of(d, root) or {}).get("peers") == 2,
+                     "the reader to be connected to both peers")
+        r = subprocess.run([T.BIN, "pin", d.by_hash(root)], capture_output=True, text=True,
+                           timeout=60)
+        check_eq(r.returncode, 0, f"digfs pin ({r.stderr.strip()})")
+        blocks = (len(data) + T.LEAF - 1) // T.LEAF
+        T.wait_until(lambda: (swarm_of(d, root) or {}).get("blocks_held") == blocks,
+                     "every block despite the stalled peer", timeout=30)
+        check(stalled.stalled > 0, "the stalled peer was asked for blocks (the test proves "
+              "nothing otherwise)")
+        T.check_bytes(T.read_file(d.by_hash(root)), data, "bytes after the endgame")
+    finally:
+        stalled.close()
 
 
 T.main()

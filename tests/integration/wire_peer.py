@@ -571,6 +571,8 @@ class Seeder:
                  from the real tree.
     bad_layer    answers to hash requests for the piece layer have one hash changed.
     corrupt and bad_layer apply to every file served.
+    stall        "all", or a set of block indices: requests for those are never answered
+                 (a stalled peer: the receiver must get them elsewhere).
     gate         a threading.Event: each connection waits (at most gate_timeout seconds) for
                  it after reading the initiator's handshake and before answering, to force
                  the order in which a client meets several seeders.
@@ -580,7 +582,8 @@ class Seeder:
     Events: bad_served (we sent something bad), closed_after_bad."""
 
     def __init__(self, data, port=0, corrupt=None, lie_length=None, bad_layer=False,
-                 gate=None, gate_timeout=8.0, node_id=None, reqq=REQQ_DEFAULT, more=()):
+                 gate=None, gate_timeout=8.0, node_id=None, reqq=REQQ_DEFAULT, more=(),
+                 stall=None):
         self.files = {}
         for d in [data, *more]:
             f = _File(d, lie_length if not self.files else None)
@@ -591,6 +594,8 @@ class Seeder:
         self.corrupt = corrupt
         self.lie_length = lie_length
         self.bad_layer = bad_layer
+        self.stall = stall
+        self.stalled = 0  # requests left unanswered
         self.gate = gate
         self.gate_timeout = gate_timeout
         self.node_id = node_id or os.urandom(20)
@@ -835,6 +840,11 @@ class Seeder:
                 if i >= nblocks:
                     info.requests_rejected += 1
                     send(msg_block_ref(REJECT, i))
+                    continue
+                if self.stall == "all" or (self.stall is not None and self.stall != "all"
+                                           and i in self.stall):
+                    with self.lock:
+                        self.stalled += 1
                     continue
                 chunk = self._block_bytes(f, i)
                 if self.corrupt == "all" or (isinstance(self.corrupt, (set, frozenset, list,
