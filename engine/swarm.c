@@ -68,6 +68,7 @@ struct peer {
     struct peer *next;
     struct sockaddr_storage listen; /* where it accepts connections (port from hello), or 0 */
     uint8_t node_id[20];
+    int opened; /* our hello went out: other messages may follow */
     int got_hello;
     int has_len;
     uint64_t len; /* the length it claims */
@@ -372,9 +373,11 @@ int dg_swarms_parse_peers(const char *s, struct sockaddr_storage *out, size_t ma
 
 /* ------------------------------------------------------------------ sending */
 
+/* Sends a message to @p p. Before our hello (an outgoing connection whose handshake has not
+ * been answered yet) nothing goes out: the opening's holdings will say it all. */
 static void send_buf(struct peer *p, const uint8_t *buf, int len)
 {
-    if (len > 0)
+    if (len > 0 && p->opened)
         dg_peer_conn_send(p->conn, buf, (size_t)len);
 }
 
@@ -470,8 +473,7 @@ static void set_choke(struct peer *p, int choke)
         /* Its queued requests are refused. */
         uint8_t b[16];
         while (p->serve_len > 0) {
-            if (p->serve[p->serve_head] != UINT32_MAX)
-                send_buf(p, b, dg_peer_msg_reject(p->serve[p->serve_head], b, sizeof(b)));
+            send_buf(p, b, dg_peer_msg_reject(p->serve[p->serve_head], b, sizeof(b)));
             p->serve_head = (p->serve_head + 1) % DG_SWARM_REQQ;
             p->serve_len--;
         }
@@ -1086,8 +1088,6 @@ static void serve(struct peer *p)
         uint32_t block = p->serve[p->serve_head];
         p->serve_head = (p->serve_head + 1) % DG_SWARM_REQQ;
         p->serve_len--;
-        if (block == UINT32_MAX)
-            continue; /* cancelled */
         size_t len = dg_peer_block_size(sw->length, block);
         uint8_t *out = s->buf;
         ssize_t got = -EAGAIN;
@@ -1594,12 +1594,15 @@ static int on_message(struct dg_peer_conn *c, const struct dg_peer_msg *m)
         serve(p);
         break;
     case DG_PEER_MSG_CANCEL:
+        /* A cancelled request stops counting against reqq at once: it leaves the queue. */
         for (size_t i = 0; i < p->serve_len; i++) {
-            size_t at = (p->serve_head + i) % DG_SWARM_REQQ;
-            if (p->serve[at] == m->block) {
-                p->serve[at] = UINT32_MAX; /* skipped by serve() */
-                break;
-            }
+            if (p->serve[(p->serve_head + i) % DG_SWARM_REQQ] != m->block)
+                continue;
+            for (size_t j = i; j + 1 < p->serve_len; j++)
+                p->serve[(p->serve_head + j) % DG_SWARM_REQQ] =
+                    p->serve[(p->serve_head + j + 1) % DG_SWARM_REQQ];
+            p->serve_len--;
+            break;
         }
         break;
     case DG_PEER_MSG_REJECT:
@@ -1670,6 +1673,7 @@ static int attach(struct swarm *sw, struct dg_peer_conn *c)
 
 static void send_opening(struct peer *p)
 {
+    p->opened = 1;
     send_hello(p);
     send_holdings(p);
 }
