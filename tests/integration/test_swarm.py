@@ -69,6 +69,22 @@ def test_dht_discovery_three_nodes_64mib():
           "A served both readers", T.status_json(a)["network"])
 
 
+def test_public_address_learned_from_dht_replies():
+    """The "ip" field of DHT replies tells a node the address others see it at: with three
+    other nodes answering, B learns 127.0.0.1 and its own port (status public_address)."""
+    port_a = T.free_port()
+    a = T.Mount("ip-a", opts=[f"port={port_a}"])
+    boot = f"bootstrap=127.0.0.1:{port_a}"
+    b, c, d = (T.Mount(f"ip-{t}", opts=[boot]) for t in "bcd")
+    port_b = T.status_json(b)["network"]["port"]
+    T.wait_until(lambda: T.status_json(b)["network"]["public_address"],
+                 "B to learn its public address", timeout=120, interval=0.5)
+    check_eq(T.status_json(b)["network"]["public_address"], f"127.0.0.1:{port_b}",
+             "B's address as the other nodes see it")
+    for m in (a, c, d):
+        check(m.alive(), f"{m.mnt} alive")
+
+
 def _stat_or_none(path):
     try:
         return os.stat(path)
