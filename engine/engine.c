@@ -1372,12 +1372,24 @@ static void host_commit(void *arg)
     batch_commit(arg);
 }
 
-static void host_stored(void *arg, const uint8_t root[32])
+static void host_stored(void *arg, const uint8_t root[32], uint64_t block)
 {
     struct dg_engine *e = arg;
+    struct waiter *w = e->waiters, *next;
 
     batch_commit(e); /* what the swarm recorded becomes visible to readers first */
-    wake_waiters(e, root);
+    if (block == UINT64_MAX) {
+        wake_waiters(e, root);
+        return;
+    }
+    /* Only the reads that cover the block can have become complete. */
+    uint64_t start = block * DG_MERKLE_BLOCK_SIZE;
+    for (; w; w = next) {
+        next = w->next;
+        if (memcmp(w->content->root, root, 32) == 0 && w->off < start + DG_MERKLE_BLOCK_SIZE &&
+            w->off + w->len > start)
+            waiter_try(w);
+    }
 }
 
 static int host_open(void *arg, const uint8_t root[32], struct dg_content **out)

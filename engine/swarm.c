@@ -840,7 +840,7 @@ static void meta_commit(struct swarm *sw, const uint8_t *block, size_t len)
     }
     s->stats.blocks_in++;
     finish_lookups(sw, 0);
-    s->cfg.host.stored(s->cfg.host.arg, sw->root);
+    s->cfg.host.stored(s->cfg.host.arg, sw->root, UINT64_MAX);
     /* Tell the peers what we know now. */
     for (struct peer *p = sw->peers; p; p = p->next) {
         if (p->has_len && p->len != sw->length) {
@@ -1463,7 +1463,7 @@ static int on_block(struct peer *p, const struct dg_peer_msg *m)
         if (!peer_has(q, m->block))
             send_buf(q, b, dg_peer_msg_have(m->block, 1, b, sizeof(b)));
     }
-    s->cfg.host.stored(s->cfg.host.arg, sw->root);
+    s->cfg.host.stored(s->cfg.host.arg, sw->root, m->block);
     if (sw->nheld == sw->nblocks) {
         for (struct peer *q = sw->peers; q; q = q->next)
             update_interest(q);

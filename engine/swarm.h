@@ -46,8 +46,9 @@ struct dg_swarm_host {
     /* The disk is full while storing a block of @p root: evict what may be evicted (least
      * recently used roots, after dg_swarms_release_idle()). */
     void (*make_room)(void *arg, const uint8_t root[32]);
-    /* Blocks of @p root were stored: reads waiting for them can be answered. */
-    void (*stored)(void *arg, const uint8_t root[32]);
+    /* Block @p block of @p root was stored (UINT64_MAX: blocks, or the metadata): reads
+     * waiting for it can be answered. */
+    void (*stored)(void *arg, const uint8_t root[32], uint64_t block);
     /* Opens @p root for serving (engine.h dg_engine_open). */
     int (*open)(void *arg, const uint8_t root[32], struct dg_content **out);
     /* DHT nodes known, or in the works (a bootstrap under way counts as one). NULL: none. */
