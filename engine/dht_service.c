@@ -65,6 +65,7 @@ struct dg_dht_service {
     void (*closed)(void *arg);
     void *closed_arg;
     uint8_t rbuf[DG_DHT_SERVICE_RECV_MAX];
+    uint64_t oversize; /* datagrams too long for rbuf: dropped, counted as malformed */
 };
 
 /* ---- bootstrap strings ---- */
@@ -302,6 +303,7 @@ static void on_recv(uv_udp_t *h, ssize_t nread, const uv_buf_t *buf, const struc
         return;
     }
     if (flags & UV_UDP_PARTIAL) {
+        s->oversize++;
         dg_log(DG_LOG_DEBUG, LOG_MODULE, "dropped a datagram over %zu bytes", sizeof(s->rbuf));
         return;
     }
@@ -774,6 +776,7 @@ void dg_dht_service_cancel(struct dg_dht_service *s, uint32_t search_id)
 void dg_dht_service_stats(const struct dg_dht_service *s, struct dg_dht_stats *st)
 {
     dg_dht_stats(s->dht, uv_now(s->loop), st);
+    st->malformed += s->oversize;
 }
 
 int dg_dht_service_external(const struct dg_dht_service *s, struct sockaddr_storage *out)

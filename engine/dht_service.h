@@ -58,7 +58,9 @@
 #define DG_DHT_SERVICE_BOOTSTRAP_RETRY_MS (60u * 1000) /* resolve again while thin */
 #define DG_DHT_SERVICE_GOOD_ENOUGH 8                   /* good nodes that end the retries */
 #define DG_DHT_SERVICE_SAVE_MS (10u * 60 * 1000)       /* periodic save of the table */
-#define DG_DHT_SERVICE_RECV_MAX 2048                   /* longest datagram received */
+#define DG_DHT_SERVICE_RECV_MAX                                    \
+    65536 /* longest datagram received (bittorrent-dht nodes reply \
+           * with their whole table: several KiB) */
 
 struct dg_dht_service_config {
     uint16_t port; /* UDP port to bind on 0.0.0.0 (0: the kernel picks one) */

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole digfs test suite, from a fresh Debian 12 machine (run as root, or with sudo):
 #   1. installs the Debian packages that are missing (nothing is installed when all are present),
+#      and the npm packages of tests/interop (`npm ci`, while the network is still there),
 #   2. makes sure /dev/fuse exists,
 #   3. builds three trees with warnings as errors: build/ (RelWithDebInfo), build-asan/
 #      (AddressSanitizer + UndefinedBehaviorSanitizer, clang when installed) and, with clang,
@@ -13,7 +14,7 @@
 # Exits non-zero when a build, a test or the format check failed. Works from any directory.
 #
 # Environment: JOBS (build and ctest parallelism, default: 2), ASAN_CC (compiler of the
-# sanitizer tree), DIGFS_SKIP_INSTALL=1 (never call apt-get),
+# sanitizer tree), DIGFS_SKIP_INSTALL=1 (never call apt-get; `npm ci` still runs),
 # DIGFS_ONLY=build|build-asan|build-fuzz (run one tree only), DIGFS_FUZZ_TIME (seconds).
 set -euo pipefail
 
@@ -61,6 +62,38 @@ install_missing()
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         "${missing[@]}" </dev/null
+}
+
+# The interoperability tests run against other implementations, npm packages pinned by
+# tests/interop/package-lock.json. They are installed here, because the tests run without a
+# network; again when package-lock.json is newer than the installed tree. Without node, npm
+# or the packages those tests are skipped, and the summary says why.
+install_interop()
+{
+    local dir="$repo/tests/interop"
+    [ -f "$dir/package-lock.json" ] || return 0
+    if [ -f "$dir/node_modules/.package-lock.json" ] &&
+        [ ! "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+        say "tests/interop npm packages present"
+        return 0
+    fi
+    if { ! command -v node >/dev/null || ! command -v npm >/dev/null; } &&
+        [ "${DIGFS_SKIP_INSTALL:-0}" != 1 ] && command -v dpkg-query >/dev/null; then
+        say "installing: nodejs npm (for tests/interop)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q || true
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            nodejs npm </dev/null || true
+    fi
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        say "warning: node or npm is missing: the DHT interoperability test will be skipped"
+        summaries+=("--- interop: node or npm missing, tests/interop not installed (test skipped)")
+        return 0
+    fi
+    say "installing tests/interop npm packages (npm ci)"
+    if ! (cd "$dir" && npm ci --no-audit --no-fund </dev/null); then
+        say "warning: npm ci failed in tests/interop: the DHT interoperability test will be skipped"
+        summaries+=("--- interop: npm ci failed in tests/interop (test skipped)")
+    fi
 }
 
 ensure_fuse()
@@ -169,6 +202,7 @@ check_format()
 }
 
 install_missing
+install_interop
 ensure_fuse
 
 # Sanitizer failures must fail the test: stop at the first report and exit non-zero.

@@ -693,6 +693,44 @@ static void test_other_handler(void **state)
     assert_int_equal(o.calls, 1);
 }
 
+static int cond_pinged(struct lab *lab, void *arg)
+{
+    struct dg_dht_stats st;
+
+    (void)arg;
+    dg_dht_service_stats(lab->svc[0], &st);
+    return st.queries_in[DG_KRPC_PING] > 0;
+}
+
+/* (7) A datagram of several KiB (bittorrent-dht nodes answer find_node with their whole
+ * table) is received whole and handled, not dropped. */
+static void test_large_datagram(void **state)
+{
+    struct lab lab;
+    uv_udp_t sock;
+    struct sockaddr_in sin, to;
+    static char ping[4200];
+    int n;
+
+    (void)state;
+    lab_init(&lab);
+    lab_start(&lab, 0, NULL);
+    assert_int_equal(uv_udp_init(&lab.loop, &sock), 0);
+    assert_int_equal(uv_ip4_addr("127.0.0.1", 0, &sin), 0);
+    assert_int_equal(uv_udp_bind(&sock, (const struct sockaddr *)&sin, 0), 0);
+    assert_int_equal(uv_ip4_addr("127.0.0.1", dg_dht_service_port(lab.svc[0]), &to), 0);
+    /* A ping whose arguments carry an unknown 4000-byte key (ignored by the node). */
+    n = snprintf(ping, sizeof(ping), "d1:ad2:id20:%s2:zz4000:", "abcdefghij0123456789");
+    memset(ping + n, 'z', 4000);
+    n += 4000;
+    n += snprintf(ping + n, sizeof(ping) - (size_t)n, "e1:q4:ping1:t2:aa1:y1:qe");
+    uv_buf_t b = uv_buf_init(ping, (unsigned)n);
+    assert_int_equal(uv_udp_try_send(&sock, &b, 1, (const struct sockaddr *)&to), n);
+    assert_true(run_until(&lab, cond_pinged, NULL));
+    uv_close((uv_handle_t *)&sock, NULL);
+    lab_free(&lab);
+}
+
 /* ---- stopping ---- */
 
 static int cond_two_closed(struct lab *lab, void *arg)
@@ -765,6 +803,7 @@ int main(void)
         cmocka_unit_test(test_announce_and_find), cmocka_unit_test(test_empty_table),
         cmocka_unit_test(test_state_restart),     cmocka_unit_test(test_damaged_state),
         cmocka_unit_test(test_other_handler),     cmocka_unit_test(test_stop),
+        cmocka_unit_test(test_large_datagram),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
