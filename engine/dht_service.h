@@ -58,9 +58,8 @@
 #define DG_DHT_SERVICE_BOOTSTRAP_RETRY_MS (60u * 1000) /* resolve again while thin */
 #define DG_DHT_SERVICE_GOOD_ENOUGH 8                   /* good nodes that end the retries */
 #define DG_DHT_SERVICE_SAVE_MS (10u * 60 * 1000)       /* periodic save of the table */
-#define DG_DHT_SERVICE_RECV_MAX                                    \
-    65536 /* longest datagram received (bittorrent-dht nodes reply \
-           * with their whole table: several KiB) */
+/* Longest datagram received (bittorrent-dht nodes answer with their whole table: KiBs). */
+#define DG_DHT_SERVICE_RECV_MAX 65536
 
 struct dg_dht_service_config {
     uint16_t port; /* UDP port to bind on 0.0.0.0 (0: the kernel picks one) */
