@@ -289,4 +289,52 @@ def test_endgame_routes_around_a_stalled_peer():
         stalled.close()
 
 
+def _interested_peer(port, root_hex, tag):
+    """A raw peer that handshakes with the node at @port for @root_hex, says hello (holding
+    nothing) and interested. Returns (socket, stream)."""
+    import socket
+    root = bytes.fromhex(root_hex)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(W.handshake_bytes(root[:20], os.urandom(20)))
+    st = W._Stream(sock)
+    st.read_handshake()
+    hello = W.bencode({b"pex": 0, b"reqq": 250, b"root": root, b"v": tag.encode()})
+    sock.sendall(W.frame(W.HELLO, hello) + W.frame(W.HAVE_NONE) + W.frame(W.INTERESTED))
+    return sock, st
+
+
+def test_choking_unchokes_at_most_five():
+    """Choking: of 7 interested peers that never upload, a seeder unchokes 4 plus one
+    optimistic at once and keeps the other 2 choked (PROTOCOL.md 3.7)."""
+    data = T.data_of(MIB, 312)
+    a, root, port_a = seeder("choke-a", data)
+    peers = [_interested_peer(port_a, root, f"p{i}") for i in range(7)]
+    results = [False] * len(peers)
+
+    def watch(i):
+        # Read for 3 s (well inside the 10 s choke round) whether an unchoke comes.
+        sock, st = peers[i]
+        sock.settimeout(3)
+        try:
+            while True:
+                msg_id, _ = st.read_frame()
+                if msg_id == W.UNCHOKE:
+                    results[i] = True
+                    return
+        except (W.PeerTimeout, W.PeerClosed):
+            return
+
+    try:
+        threads = [threading.Thread(target=watch, args=(i,)) for i in range(len(peers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for sock, _ in peers:
+            sock.close()
+    unchoked = sum(results)
+    check_eq(unchoked, 5, "peers unchoked out of 7 interested")
+
+
 T.main()
