@@ -140,7 +140,7 @@ struct swarm {
     uint64_t meta_leaves_count;
     uint8_t meta_leaf[32];
     struct peer *peers;
-    size_t npeers, connecting;
+    size_t npeers;
     struct candidate cands[MAX_CANDIDATES];
     size_t ncands;
     struct lookup *lookups;
@@ -910,7 +910,6 @@ static int meta_hashes(struct swarm *sw, struct peer *p, const struct dg_peer_ms
 struct pick_ctx {
     struct swarm *sw;
     uint64_t now;
-    int progress; /* some peer still has room */
 };
 
 /* The peer to ask for @p block: it has it, does not choke us, has room, and is not asked for
@@ -1046,7 +1045,7 @@ static void pick_rarest(struct swarm *sw, uint64_t now)
 static void pick(struct swarm *sw)
 {
     struct dg_swarms *s = sw->s;
-    struct pick_ctx pc = {sw, now_ms(s), 1};
+    struct pick_ctx pc = {sw, now_ms(s)};
 
     sw->dirty = 0;
     if (pc.now < sw->pause_until)
@@ -1872,10 +1871,14 @@ static int swarm_wanted(const struct swarm *sw)
 
 static void connect_more(struct swarm *sw, uint64_t now)
 {
+    size_t opening = 0; /* connections not past the hello yet */
+
     if (!swarm_wanted(sw))
         return;
-    for (size_t i = 0;
-         i < sw->ncands && sw->npeers < DG_SWARM_MAX_PEERS && sw->s->stats.peers < MAX_TOTAL_PEERS;
+    for (struct peer *p = sw->peers; p; p = p->next)
+        opening += !p->got_hello;
+    for (size_t i = 0; i < sw->ncands && sw->npeers < DG_SWARM_MAX_PEERS &&
+                       sw->s->stats.peers < MAX_TOTAL_PEERS && opening < DG_SWARM_MAX_CONNECTING;
          i++) {
         struct candidate *cand = &sw->cands[i];
         if (cand->connected || (cand->next_try && now < cand->next_try) ||
@@ -1889,6 +1892,7 @@ static void connect_more(struct swarm *sw, uint64_t now)
             continue;
         }
         connect_candidate(sw, cand);
+        opening++;
     }
 }
 
