@@ -1372,6 +1372,11 @@ static void host_commit(void *arg)
     batch_commit(arg);
 }
 
+static void host_batch(void *arg)
+{
+    batch_open(arg);
+}
+
 static void host_stored(void *arg, const uint8_t root[32], uint64_t block)
 {
     struct dg_engine *e = arg;
@@ -1503,6 +1508,7 @@ static int start_network(struct dg_engine *e)
         sc.cache = e->cache;
         sc.host.arg = e;
         sc.host.commit = host_commit;
+        sc.host.batch = host_batch;
         sc.host.make_room = host_make_room;
         sc.host.dht_nodes = host_dht_nodes;
         sc.host.stored = host_stored;

@@ -171,6 +171,15 @@ static int read_txn(struct dg_piece_cache *c, MDB_txn **txn)
     return map_mdb_error(mdb_txn_begin(c->env, NULL, MDB_RDONLY, txn));
 }
 
+/* A transaction to read what the writer thread sees: a child of the open batch (aborted after
+ * use, so it changes nothing), or a plain read snapshot. Writer thread only. */
+static int writer_view_txn(struct dg_piece_cache *c, MDB_txn **txn)
+{
+    if (c->batch)
+        return map_mdb_error(mdb_txn_begin(c->env, c->batch, 0, txn));
+    return read_txn(c, txn);
+}
+
 /* A write transaction: a child of the open batch (committed with it) or a top-level one. */
 static int write_txn(struct dg_piece_cache *c, MDB_txn **txn)
 {
@@ -1211,7 +1220,8 @@ int dg_piece_cache_put_block(struct dg_piece_cache *c, const uint8_t root[32], u
      * or the new block would be taken as held and then forgotten with the rest. */
     if (marked_lost(c, root) && (rc = dg_piece_cache_flush(c)) < 0)
         return rc;
-    if ((rc = read_txn(c, &txn)) < 0)
+    /* The writer's view: leaf hashes stored in the open batch count already. */
+    if ((rc = writer_view_txn(c, &txn)) < 0)
         return rc;
     rc = get_root(txn, c, root, &rec);
     if (rc == 0) {

@@ -162,7 +162,8 @@ int dg_piece_cache_add_root(struct dg_piece_cache *c, const uint8_t root[32], ui
 int dg_piece_cache_put_leaves(struct dg_piece_cache *c, const uint8_t root[32], uint64_t piece,
                               const uint8_t *leaves, uint64_t count);
 
-/* Verifies block @p block of @p root against its leaf hash and stores it.
+/* Verifies block @p block of @p root against its leaf hash and stores it. Leaf hashes stored in
+ * the open write batch are used already.
  * @return 0; -ENOENT (unknown root); -ENODATA (leaf hashes of its piece not known yet);
  *         -EINVAL (index or length wrong); -EBADMSG (hash mismatch: nothing stored);
  *         -ENOSPC or -EIO from storage. */

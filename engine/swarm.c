@@ -1132,6 +1132,11 @@ static int leaf_range(struct swarm *sw, uint64_t first, uint64_t count, uint8_t 
                 else
                     rc = dg_merkle_sha256(s->buf, len, leaves + 32 * got);
             }
+            /* Kept (checked against the piece layer), so the next request costs nothing. */
+            if (rc == 0) {
+                s->cfg.host.batch(s->cfg.host.arg);
+                dg_piece_cache_put_leaves(s->cfg.cache, sw->root, piece, leaves, in_piece);
+            }
         }
         if (rc == 0 && got != in_piece)
             rc = -EIO;
@@ -1436,6 +1441,14 @@ static int on_block(struct peer *p, const struct dg_peer_msg *m)
         ban(s, p, "a block does not match its leaf hash");
         return DG_PEER_CLOSE_BAD_DATA;
     }
+    if (rc == -ENODATA) {
+        /* The leaves of its piece are not in the index after all (a write batch that failed):
+         * they are asked again. */
+        uint64_t piece = m->block / sw->per_piece;
+        sw->leaves_known[piece / 8] &= (uint8_t) ~(1u << (piece % 8));
+        swarm_dirty(sw);
+        return 0;
+    }
     if (rc < 0) {
         /* Storage failed (disk full, I/O error): the block is asked again after a pause,
          * not at network speed. */
@@ -1491,7 +1504,9 @@ static int on_hashes(struct peer *p, const struct dg_peer_msg *m)
     if (m->layer != 0 || m->index % sw->per_piece != 0)
         return 0;
     /* One piece after another: each is checked against its piece-layer hash. */
-    int stored = 0;
+    /* The leaves join the engine's write batch: one sync for many pieces, and put_block sees
+     * them at once. */
+    sw->s->cfg.host.batch(sw->s->cfg.host.arg);
     for (uint64_t off = 0; off < m->count; off += sw->per_piece) {
         uint64_t piece = (m->index + off) / sw->per_piece;
         uint64_t in_piece = sw->nblocks - piece * sw->per_piece < sw->per_piece
@@ -1507,13 +1522,9 @@ static int on_hashes(struct peer *p, const struct dg_peer_msg *m)
             ban(sw->s, p, "leaf hashes do not match the piece layer");
             return DG_PEER_CLOSE_BAD_DATA;
         }
-        if (rc == 0) {
+        if (rc == 0)
             bit_set(sw->leaves_known, piece);
-            stored = 1;
-        }
     }
-    if (stored)
-        sw->s->cfg.host.commit(sw->s->cfg.host.arg); /* put_block reads them */
     swarm_dirty(sw);
     return 0;
 }

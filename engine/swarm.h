@@ -43,6 +43,9 @@ struct dg_swarm_host {
     /* Makes what the swarm wrote to the piece cache visible to its readers (commits the
      * engine's open write batch). */
     void (*commit)(void *arg);
+    /* Opens the engine's write batch (if none is open): the updates that follow are committed
+     * together within 50 ms, with one sync. */
+    void (*batch)(void *arg);
     /* The disk is full while storing a block of @p root: evict what may be evicted (least
      * recently used roots, after dg_swarms_release_idle()). */
     void (*make_room)(void *arg, const uint8_t root[32]);
