@@ -114,6 +114,14 @@ struct candidate {
     int connected;
 };
 
+/* The leaf hashes of one piece of more than 2048 blocks (files over 32 GiB): asked of one peer
+ * in parts of at most 2048, assembled here, checked once all are in. */
+struct big_leaves {
+    struct peer *peer; /* NULL: none being assembled */
+    uint64_t piece, first, count, next, got;
+    uint8_t *buf;
+};
+
 struct swarm {
     struct dg_swarms *s;
     struct swarm *next;
@@ -139,6 +147,7 @@ struct swarm {
     uint8_t *meta_leaves;
     uint64_t meta_leaves_count;
     uint8_t meta_leaf[32];
+    struct big_leaves big;
     struct peer *peers;
     size_t npeers;
     struct candidate cands[MAX_CANDIDATES];
@@ -198,6 +207,7 @@ struct dg_swarms {
 static const struct dg_peer_conn_ops peer_ops;
 static void drop_peer(struct peer *p);
 static void swarm_dirty(struct swarm *sw);
+static void big_reset(struct swarm *sw);
 
 static int bit_get(const uint8_t *bits, uint64_t i)
 {
@@ -657,6 +667,7 @@ static void swarm_free(struct swarm *sw)
     free(sw->leaves_asked);
     free(sw->meta_layer);
     free(sw->meta_leaves);
+    big_reset(sw);
     free(sw);
 }
 
@@ -682,6 +693,8 @@ static void maybe_dht(struct swarm *sw, int urgent)
 
 static void meta_reset(struct swarm *sw)
 {
+    if (!sw->known)
+        big_reset(sw);
     sw->meta = 0;
     sw->meta_peer = NULL;
     free(sw->meta_layer);
@@ -704,13 +717,68 @@ static void send_hash_request(struct peer *p, uint8_t layer, uint32_t index, uin
     send_buf(p, b, dg_peer_msg_hash_request(layer, index, count, 0, b, sizeof(b)));
 }
 
+static void big_reset(struct swarm *sw)
+{
+    free(sw->big.buf);
+    memset(&sw->big, 0, sizeof(sw->big));
+}
+
+/* Sends the next parts of the big piece being assembled, as far as @p p has room. */
+static void big_pump(struct swarm *sw)
+{
+    struct peer *p = sw->big.peer;
+
+    while (p && sw->big.next < sw->big.count && p->nhreqs < MAX_HASH_OUT) {
+        uint64_t n = sw->big.count - sw->big.next;
+        if (n > DG_PEER_HASH_MAX_COUNT)
+            n = DG_PEER_HASH_MAX_COUNT;
+        send_hash_request(p, 0, (uint32_t)(sw->big.first + sw->big.next), (uint32_t)n);
+        sw->big.next += n;
+    }
+}
+
+/* Starts assembling the leaves of @p piece (of @p length's geometry) from @p p.
+ * @return 0 or -ENOMEM. */
+static int big_start(struct swarm *sw, struct peer *p, uint64_t length, uint64_t piece)
+{
+    uint64_t per_piece = dg_merkle_piece_size(length) / DG_MERKLE_BLOCK_SIZE;
+    uint64_t blocks = dg_merkle_block_count(length);
+
+    big_reset(sw);
+    sw->big.first = piece * per_piece;
+    sw->big.count = blocks - sw->big.first < per_piece ? blocks - sw->big.first : per_piece;
+    sw->big.buf = malloc((size_t)sw->big.count * 32);
+    if (!sw->big.buf)
+        return -ENOMEM;
+    sw->big.peer = p;
+    sw->big.piece = piece;
+    big_pump(sw);
+    return 0;
+}
+
+/* Takes a `hashes` part of the big piece. @return 1 when every leaf is in, 0 when more are
+ * coming, -1 when @p m is not a part of it. */
+static int big_take(struct swarm *sw, struct peer *p, const struct dg_peer_msg *m)
+{
+    if (p != sw->big.peer || m->layer != 0 || m->index < sw->big.first ||
+        (uint64_t)m->index + m->count > sw->big.first + sw->big.count)
+        return -1;
+    memcpy(sw->big.buf + 32 * (m->index - sw->big.first), m->data, 32u * m->count);
+    sw->big.got += m->count;
+    big_pump(sw);
+    return sw->big.got == sw->big.count;
+}
+
 /* Forgets our hash request @p i to @p p; leaves it asked for can be asked of others. */
-static void drop_hash_request(struct peer *p, unsigned i)
+static void drop_hash_request(struct peer *p, unsigned i, int failed)
 {
     struct swarm *sw = p->sw;
     struct hash_req r = p->hreqs[i];
 
     p->hreqs[i] = p->hreqs[--p->nhreqs];
+    if (failed && p == sw->big.peer && r.layer == 0 && r.index >= sw->big.first &&
+        r.index < sw->big.first + sw->big.count)
+        big_reset(sw); /* a part went missing: the piece starts over, maybe elsewhere */
     if (sw->known && r.layer == 0) {
         for (uint64_t piece = r.index / sw->per_piece;
              piece * sw->per_piece < (uint64_t)r.index + r.count && piece < sw->npieces; piece++)
@@ -879,13 +947,29 @@ static int meta_hashes(struct swarm *sw, struct peer *p, const struct dg_peer_ms
         } else {
             uint64_t first = (sw->meta_layer_count - 1) * per_piece;
             sw->meta = META_LEAVES;
-            send_hash_request(p, 0, (uint32_t)first, (uint32_t)(blocks - first));
+            if (blocks - first > DG_PEER_HASH_MAX_COUNT) {
+                if (big_start(sw, p, sw->meta_len, sw->meta_layer_count - 1) < 0)
+                    return DG_PEER_CLOSE_LOCAL;
+            } else {
+                send_hash_request(p, 0, (uint32_t)first, (uint32_t)(blocks - first));
+            }
         }
         return 0;
     }
     if (sw->meta == META_LEAVES) {
         uint64_t per_piece = dg_merkle_piece_size(sw->meta_len) / DG_MERKLE_BLOCK_SIZE;
         uint8_t top[32];
+        struct dg_peer_msg whole = *m;
+        if (sw->big.peer) {
+            int done = big_take(sw, p, m);
+            if (done < 0)
+                return DG_PEER_CLOSE_PROTOCOL;
+            if (done == 0)
+                return 0;
+            whole.data = sw->big.buf; /* all of the last piece's leaves */
+            whole.count = (uint32_t)sw->big.count;
+            m = &whole;
+        }
         if (dg_merkle_subtree_root(m->data, m->count, 0, per_piece, top) != 0 ||
             memcmp(top, sw->meta_layer + 32 * (sw->meta_layer_count - 1), 32) != 0) {
             ban(sw->s, p, "leaf hashes do not match the piece layer");
@@ -898,6 +982,7 @@ static int meta_hashes(struct swarm *sw, struct peer *p, const struct dg_peer_ms
         memcpy(sw->meta_leaves, m->data, 32u * m->count);
         sw->meta_leaves_count = m->count;
         memcpy(sw->meta_leaf, m->data + 32u * (m->count - 1), 32);
+        big_reset(sw);
         sw->meta = META_BLOCK;
         if (!p->choked_by)
             send_request(p, (uint32_t)(dg_merkle_block_count(sw->meta_len) - 1));
@@ -944,6 +1029,19 @@ static void want_leaves(struct swarm *sw, uint64_t piece)
     if (bit_get(sw->leaves_asked, piece))
         return;
     uint64_t first = piece * sw->per_piece;
+    if (sw->per_piece > DG_PEER_HASH_MAX_COUNT) {
+        /* Over 2048 leaves: one piece at a time, in parts, from one peer. */
+        if (sw->big.peer)
+            return;
+        for (struct peer *p = sw->peers; p; p = p->next) {
+            if (p->got_hello && p->nhreqs == 0 && peer_has(p, first)) {
+                if (big_start(sw, p, sw->length, piece) == 0)
+                    bit_set(sw->leaves_asked, piece);
+                return;
+            }
+        }
+        return;
+    }
     for (struct peer *p = sw->peers; p; p = p->next) {
         if (!p->got_hello || p->nhreqs == MAX_HASH_OUT || !peer_has(p, first))
             continue;
@@ -1498,9 +1596,29 @@ static int on_hashes(struct peer *p, const struct dg_peer_msg *m)
             break;
     if (i == p->nhreqs)
         return DG_PEER_CLOSE_PROTOCOL; /* not what we asked */
-    drop_hash_request(p, i);
+    drop_hash_request(p, i, 0);
     if (!sw->known)
         return meta_hashes(sw, p, m);
+    if (sw->big.peer == p && m->layer == 0) {
+        int done = big_take(sw, p, m);
+        if (done <= 0)
+            return done < 0 ? DG_PEER_CLOSE_PROTOCOL : 0;
+        uint64_t piece = sw->big.piece;
+        int stored = dg_piece_cache_put_leaves(sw->s->cfg.cache, sw->root, piece, sw->big.buf,
+                                               sw->big.count);
+        big_reset(sw);
+        sw->leaves_asked[piece / 8] &= (uint8_t) ~(1u << (piece % 8));
+        if (stored == -EBADMSG) {
+            ban(sw->s, p, "leaf hashes do not match the piece layer");
+            return DG_PEER_CLOSE_BAD_DATA;
+        }
+        if (stored == 0) {
+            bit_set(sw->leaves_known, piece);
+            sw->s->cfg.host.commit(sw->s->cfg.host.arg); /* a big piece: worth its own sync */
+        }
+        swarm_dirty(sw);
+        return 0;
+    }
     if (m->layer != 0 || m->index % sw->per_piece != 0)
         return 0;
     /* One piece after another: each is checked against its piece-layer hash. */
@@ -1636,7 +1754,7 @@ static int on_message(struct dg_peer_conn *c, const struct dg_peer_msg *m)
         for (unsigned i = 0; i < p->nhreqs; i++) {
             if (p->hreqs[i].layer == m->layer && p->hreqs[i].index == m->index &&
                 p->hreqs[i].count == m->count) {
-                drop_hash_request(p, i);
+                drop_hash_request(p, i, 1);
                 if (!sw->known && sw->meta_peer == p)
                     meta_failed(sw, p);
                 swarm_dirty(sw);
@@ -1772,7 +1890,12 @@ static void drop_peer(struct peer *p)
                 sw->avail[b]--;
     }
     while (p->nhreqs > 0)
-        drop_hash_request(p, p->nhreqs - 1);
+        drop_hash_request(p, p->nhreqs - 1, 1);
+    if (sw->big.peer == p) {
+        if (sw->known)
+            sw->leaves_asked[sw->big.piece / 8] &= (uint8_t) ~(1u << (sw->big.piece % 8));
+        big_reset(sw);
+    }
     if (sw->meta_peer == p)
         meta_failed(sw, NULL);
     if (sw->optimistic == p)
@@ -1952,7 +2075,7 @@ static void expire(struct swarm *sw, uint64_t now)
                 i++;
                 continue;
             }
-            drop_hash_request(p, i);
+            drop_hash_request(p, i, 1);
             if (!sw->known && sw->meta_peer == p)
                 meta_failed(sw, p);
         }

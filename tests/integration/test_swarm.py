@@ -337,4 +337,31 @@ def test_choking_unchokes_at_most_five():
     check_eq(unchoked, 5, "peers unchoked out of 7 interested")
 
 
+def test_file_over_32_gib():
+    """Files over 32 GiB have pieces of more than 2048 blocks, whose leaf hashes take several
+    hash requests (PROTOCOL.md 3.5): a sparse 33 GiB file is looked up (its last piece's leaves
+    come in parts) and read at 20 GiB, byte-exact, fetching little."""
+    size = 33 << 30
+    marks = {20 << 30: b"twenty GiB in", (33 << 30) - 5: b"end!!"}
+    a, port_a = None, T.free_port()
+    a = T.Mount("big-a", opts=[f"port={port_a}"])
+    path = a.shared("big.bin")
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, b in marks.items():
+            f.seek(off)
+            f.write(b)
+    root = T.wait_hashed(path, timeout=600)
+    d = T.Mount("big-d", opts=[f"peers=127.0.0.1:{port_a}", "lookup_timeout=60"])
+    check_eq(os.stat(d.by_hash(root)).st_size, size, "size of a 33 GiB file after lookup")
+    off = 20 << 30
+    got = read_range(d.by_hash(root), off - 100, 64 << 10)
+    want = bytearray(64 << 10)
+    want[100:100 + len(marks[off])] = marks[off]
+    T.check_bytes(got, bytes(want), "64 KiB around the 20 GiB mark")
+    T.check_bytes(read_range(d.by_hash(root), size - 5, 5), b"end!!", "the last bytes")
+    fetched = T.status_json(d)["network"]["bytes_in"]
+    check(fetched < 4 * MIB, f"bytes fetched for two small reads of a 33 GiB file: {fetched}")
+
+
 T.main()
