@@ -65,8 +65,10 @@ def test_dht_discovery_three_nodes_64mib():
                           timeout=90, interval=0.5)
         check_eq(st.st_size, len(data), "size of by-hash/<root> after the lookup")
         T.check_bytes(T.read_file(path), data, f"{m.mnt}: by-hash read")
-    check(T.status_json(a)["network"]["bytes_out"] >= 2 * len(data),
-          "A served both readers", T.status_json(a)["network"])
+    # B and C fetched it all, from A and (once B held it) from each other.
+    served = sum(T.status_json(m)["network"]["bytes_out"] for m in (a, b, c))
+    check(served >= 2 * len(data), f"bytes served in all: {served}")
+    check(T.status_json(a)["network"]["bytes_out"] > 0, "A served")
 
 
 def test_public_address_learned_from_dht_replies():
