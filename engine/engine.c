@@ -25,6 +25,7 @@
 #include "engine/fsutil.h"
 #include "engine/hash_file.h"
 #include "engine/log.h"
+#include "engine/lsd.h"
 #include "engine/merkle.h"
 #include "engine/root_name.h"
 #include "engine/status.h"
@@ -188,6 +189,7 @@ struct dg_engine {
     char *bootstrap, *peers;
     struct dg_swarms *swarms;
     struct dg_dht_service *dht;
+    struct dg_lsd *lsd;          /* LAN discovery, or NULL */
     struct dht_search *searches; /* DHT lookups running for the swarms */
     uint16_t port;
 
@@ -1345,6 +1347,8 @@ static size_t host_dht_nodes(void *arg)
     struct dg_engine *e = arg;
     struct dg_dht_stats st;
 
+    if (e->lsd)
+        return 1; /* the local network may answer */
     if (!e->dht)
         return 0;
     dg_dht_service_stats(e->dht, &st);
@@ -1365,6 +1369,30 @@ static void host_make_room(void *arg, const uint8_t root[32])
     dg_swarms_release_idle(e->swarms, root);
     if (dg_piece_cache_stored_bytes(e->cache, &stored) == 0)
         enforce_cache_size(e, stored - stored / 10);
+}
+
+static void host_lan_search(void *arg, const uint8_t key[20])
+{
+    dg_lsd_search(((struct dg_engine *)arg)->lsd, key);
+}
+
+static void lsd_found(void *arg, const uint8_t key[20], const struct sockaddr_in *from)
+{
+    struct dg_engine *e = arg;
+    struct dg_dht_compact peer = {.len = DG_DHT_COMPACT4_LEN};
+
+    if (!e->swarms)
+        return;
+    memcpy(peer.bytes, &from->sin_addr, 4);
+    memcpy(peer.bytes + 4, &from->sin_port, 2);
+    dg_swarms_found(e->swarms, key, &peer, 1);
+}
+
+static int lsd_holds(void *arg, const uint8_t key[20])
+{
+    struct dg_engine *e = arg;
+
+    return e->swarms && dg_swarms_holds(e->swarms, key);
 }
 
 static void host_commit(void *arg)
@@ -1508,6 +1536,7 @@ static int start_network(struct dg_engine *e)
         sc.cache = e->cache;
         sc.host.arg = e;
         sc.host.commit = host_commit;
+        sc.host.lan_search = host_lan_search;
         sc.host.batch = host_batch;
         sc.host.make_room = host_make_room;
         sc.host.dht_nodes = host_dht_nodes;
@@ -1531,12 +1560,21 @@ static int start_network(struct dg_engine *e)
     if (rc < 0)
         return rc;
     e->port = dg_swarms_port(e->swarms);
+    if (e->cfg.lan_discovery) {
+        struct dg_lsd_config lc = {
+            .port = e->port, .found = lsd_found, .holds = lsd_holds, .arg = e};
+        int lrc = dg_lsd_start(&e->loop, &lc, &e->lsd);
+        if (lrc < 0)
+            dg_log(DG_LOG_WARN, "engine", "no LAN discovery: %s", strerror(-lrc));
+    }
     dg_log(DG_LOG_INFO, "engine", "listening on port %u (TCP and UDP)", e->port);
     return 0;
 }
 
 static void stop_network(struct dg_engine *e)
 {
+    dg_lsd_stop(e->lsd);
+    e->lsd = NULL;
     if (e->swarms)
         dg_swarms_stop(e->swarms, NULL, NULL);
     e->swarms = NULL;

@@ -683,9 +683,13 @@ static void maybe_dht(struct swarm *sw, int urgent)
     uint64_t now = now_ms(s);
     uint64_t gap = urgent ? DHT_RETRY_MS : DHT_REFRESH_MS;
 
-    if (!s->cfg.host.dht_lookup || (sw->last_dht && now - sw->last_dht < gap))
+    if (sw->last_dht && now - sw->last_dht < gap)
         return;
     sw->last_dht = now;
+    if (s->cfg.host.lan_search)
+        s->cfg.host.lan_search(s->cfg.host.arg, sw->root);
+    if (!s->cfg.host.dht_lookup)
+        return;
     s->cfg.host.dht_lookup(s->cfg.host.arg, sw->root, 0);
 }
 
@@ -2461,6 +2465,19 @@ size_t dg_swarms_release_idle(struct dg_swarms *s, const uint8_t *keep)
         n++;
     }
     return n;
+}
+
+int dg_swarms_holds(struct dg_swarms *s, const uint8_t key[20])
+{
+    uint8_t after[32] = {0}, roots[32];
+    struct dg_root_info info;
+    size_t n = 0;
+
+    memcpy(after, key, 20);
+    if (dg_piece_cache_root_info(s->cfg.cache, after, &info) == 0)
+        return info.shared_files > 0 || info.blocks_cached == info.blocks_total;
+    return dg_piece_cache_list_roots(s->cfg.cache, after, roots, 1, &n) == 0 && n == 1 &&
+           memcmp(roots, key, 20) == 0;
 }
 
 void dg_swarms_stats(const struct dg_swarms *s, struct dg_swarm_stats *out)

@@ -54,7 +54,8 @@ struct dg_swarm_host {
     void (*stored)(void *arg, const uint8_t root[32], uint64_t block);
     /* Opens @p root for serving (engine.h dg_engine_open). */
     int (*open)(void *arg, const uint8_t root[32], struct dg_content **out);
-    /* DHT nodes known, or in the works (a bootstrap under way counts as one). NULL: none. */
+    /* DHT nodes known, or in the works (a bootstrap under way, or LAN discovery, counts as
+     * one): 0 means a lookup has nobody to ask. NULL: none. */
     size_t (*dht_nodes)(void *arg);
     /* Calls @p fn for each byte range a reader waits for in @p root. */
     void (*each_wanted)(void *arg, const uint8_t root[32],
@@ -64,6 +65,8 @@ struct dg_swarm_host {
      * @return 0; 1 when it started but the routing table is thin (an announce should be
      *         repeated soon); -EAGAIN when the table is empty; another -errno. */
     int (*dht_lookup)(void *arg, const uint8_t key[20], uint16_t announce_port);
+    /* Asks the local network for @p key (LAN discovery; it rate-limits itself). NULL: none. */
+    void (*lan_search)(void *arg, const uint8_t key[20]);
 };
 
 struct dg_swarms_config {
@@ -149,6 +152,9 @@ void dg_swarms_announce(struct dg_swarms *s, const uint8_t root[32], int on);
  * of @p keep (may be NULL), so that their roots can be evicted. Their peers are disconnected.
  * @return how many were dropped. */
 size_t dg_swarms_release_idle(struct dg_swarms *s, const uint8_t *keep);
+
+/* Whether this node holds a root whose first 20 bytes are @p key (it can serve it). */
+int dg_swarms_holds(struct dg_swarms *s, const uint8_t key[20]);
 
 /* Totals. */
 void dg_swarms_stats(const struct dg_swarms *s, struct dg_swarm_stats *out);

@@ -32,6 +32,7 @@ static int run_mount(struct dg_options *o, int report_fd)
         .peers = o->peers,
         .lookup_timeout_ms = o->lookup_timeout_ms,
         .announce_cached = o->announce_cached,
+        .lan_discovery = o->lsd,
     };
     struct dg_engine *engine = NULL;
     struct dg_fs *fs = NULL;

@@ -153,7 +153,7 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
 #define IS(name) (klen == sizeof(name) - 1 && memcmp(opt, name, klen) == 0)
     if (IS("data_dir") || IS("cache_dir") || IS("cache_size") || IS("read_timeout") ||
         IS("log_level") || IS("port") || IS("bootstrap") || IS("peers") || IS("lookup_timeout") ||
-        IS("announce_cached")) {
+        IS("announce_cached") || IS("lsd")) {
         if (!value) {
             snprintf(err, errlen, "option %.*s needs a value", (int)klen, opt);
             return -EINVAL;
@@ -218,6 +218,17 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
             o->announce_cached = 0;
         else {
             snprintf(err, errlen, "bad announce_cached '%s' (yes or no)", value);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (IS("lsd")) {
+        if (strcmp(value, "yes") == 0 || strcmp(value, "1") == 0)
+            o->lsd = 1;
+        else if (strcmp(value, "no") == 0 || strcmp(value, "0") == 0)
+            o->lsd = 0;
+        else {
+            snprintf(err, errlen, "bad lsd '%s' (yes or no)", value);
             return -EINVAL;
         }
         return 0;
@@ -290,6 +301,7 @@ int dg_options_parse(int argc, char **argv, struct dg_options *o, char *err, siz
     o->read_timeout_ms = DG_DEFAULT_READ_TIMEOUT_MS;
     o->lookup_timeout_ms = DG_DEFAULT_LOOKUP_TIMEOUT_MS;
     o->announce_cached = 1;
+    o->lsd = 1;
     o->log_level = DG_LOG_INFO;
     err[0] = '\0';
     for (int i = 1; i < argc && rc == 0; i++) {
@@ -393,6 +405,7 @@ void dg_options_usage(FILE *f, const char *prog)
             "  -o lookup_timeout=SECS a lookup of an unknown root fails with ENOENT after\n"
             "                         this (default 15)\n"
             "  -o announce_cached=no  announce only shared files, not complete cached roots\n"
+            "  -o lsd=no              no LAN discovery (BEP 14 multicast on the local network)\n"
             "  -o offline             no network: serve what this machine holds\n"
             "  -o log_level=LEVEL     error, warn, info (default) or debug\n"
             "  -o FUSE_OPTION         any libfuse mount option, e.g. allow_other\n"

@@ -28,6 +28,7 @@ struct dg_options {
     char *bootstrap;     /* NULL: the public routers */
     char *peers;         /* NULL: none */
     int announce_cached; /* announce roots held completely in the cache (default 1) */
+    int lsd;             /* LAN discovery (default 1) */
     int log_level;       /* enum dg_log_level */
     int foreground;
     int debug;         /* -d: libfuse debug output, implies foreground */

@@ -544,11 +544,12 @@ static void test_network_options(void **state)
     assert_int_equal(o.lookup_timeout_ms, DG_DEFAULT_LOOKUP_TIMEOUT_MS);
     assert_int_equal(o.announce_cached, 1);
     assert_int_equal(o.offline, 0);
+    assert_int_equal(o.lsd, 1);
     dg_options_free(&o);
 
     assert_int_equal(parse(&o, err, sizeof(err), "m", "-o",
                            "port=6881,bootstrap=127.0.0.1:7000+[::1]:7001,lookup_timeout=2.5,"
-                           "peers=127.0.0.1:1+[::1]:2,announce_cached=no,offline",
+                           "peers=127.0.0.1:1+[::1]:2,announce_cached=no,offline,lsd=no",
                            NULL),
                      0);
     assert_int_equal(o.port, 6881);
@@ -557,6 +558,7 @@ static void test_network_options(void **state)
     assert_int_equal(o.lookup_timeout_ms, 2500);
     assert_int_equal(o.announce_cached, 0);
     assert_int_equal(o.offline, 1);
+    assert_int_equal(o.lsd, 0);
     assert_string_equal(o.fuse_opts, ""); /* none of them reaches libfuse */
     dg_options_free(&o);
 
@@ -578,6 +580,7 @@ static void test_network_options(void **state)
         {"peers=[::1]:0", "peers"},
         {"lookup_timeout=x", "lookup_timeout"},
         {"announce_cached=maybe", "announce_cached"},
+        {"lsd=sometimes", "lsd"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         rc = parse(&o, err, sizeof(err), "m", "-o", bad[i][0], NULL);
