@@ -51,7 +51,7 @@ t1=$(now)
 ref=$(echo "$t1 - $t0" | bc -l)
 
 t0=$(now)
-"$bin" "$mnt" -o "data_dir=$work/data,cache_dir=$work/cache,log_level=error,bootstrap=none,lsd=no"
+"$bin" "$mnt" -o "data_dir=$work/data,cache_dir=$work/cache,log_level=error,bootstrap=none,lsd=no,upnp=no,natpmp=no"
 while :; do
     done_count=$("$bin" status --json "$mnt" | python3 -c \
         'import json,sys; s=json.load(sys.stdin)["shared"]; print(s["hashed"] if s["hash_queue"] == 0 else -1)')

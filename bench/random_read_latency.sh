@@ -235,7 +235,7 @@ head -c "$bytes" /dev/urandom >"$src"
 # The seeder.
 sport=7881
 smnt=$tmp/seed/mnt
-dg_mount seed "$smnt" "data_dir=$tmp/seed/data,cache_dir=$tmp/seed/cache,port=$sport,bootstrap=none,lsd=no"
+dg_mount seed "$smnt" "data_dir=$tmp/seed/data,cache_dir=$tmp/seed/cache,port=$sport,bootstrap=none,lsd=no,upnp=no,natpmp=no"
 cp "$src" "$smnt/shared/bench.bin"
 root=
 for _ in $(seq 3000); do
@@ -255,7 +255,7 @@ for r in $(seq "$runs"); do
     s=$((seed + r - 1))
     rdir=$tmp/reader$r
     dg_mount "reader$r" "$rdir/mnt" \
-        "data_dir=$rdir/data,cache_dir=$rdir/cache,port=0,bootstrap=none,lsd=no,peers=127.0.0.1:$sport"
+        "data_dir=$rdir/data,cache_dir=$rdir/cache,port=0,bootstrap=none,lsd=no,upnp=no,natpmp=no,peers=127.0.0.1:$sport"
     rpid=$mounted_pid
     pre=$(dg_json "$rdir/mnt" '"\(.network.peers) \(.network.bytes_in) \(.swarms | length)"')
     if [ "$pre" != "0 0 0" ]; then

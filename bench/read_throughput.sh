@@ -88,7 +88,7 @@ trap 'exit 143' TERM
 
 mount_digfs()
 {
-    "$bin" "$mnt" -f -o "data_dir=$data,cache_dir=$tmp/cache,bootstrap=none,lsd=no" >>"$log" 2>&1 &
+    "$bin" "$mnt" -f -o "data_dir=$data,cache_dir=$tmp/cache,bootstrap=none,lsd=no,upnp=no,natpmp=no" >>"$log" 2>&1 &
     pid=$!
     for _ in $(seq 200); do
         if is_mounted && [ -d "$mnt/shared" ]; then

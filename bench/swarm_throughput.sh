@@ -393,7 +393,7 @@ dg_setup()
         p=$((7880 + i))
         d=$tmp/dg/s$i
         mnt=$d/mnt
-        pid=$(dg_mount "seed$i" "$mnt" "data_dir=$d/data,cache_dir=$d/cache,port=$p,bootstrap=none,lsd=no")
+        pid=$(dg_mount "seed$i" "$mnt" "data_dir=$d/data,cache_dir=$d/cache,port=$p,bootstrap=none,lsd=no,upnp=no,natpmp=no")
         spids+=("$pid")
         smnts+=("$mnt")
         peers+="${peers:++}127.0.0.1:$p"
@@ -423,7 +423,7 @@ dg_run()
     rm -rf "$d"
     rmnt=$d/mnt
     rpid=$(dg_mount "reader-$n-$r" "$rmnt" \
-        "data_dir=$d/data,cache_dir=$d/cache,port=0,bootstrap=none,lsd=no,peers=$(cat "$tmp/dg/peers")")
+        "data_dir=$d/data,cache_dir=$d/cache,port=0,bootstrap=none,lsd=no,upnp=no,natpmp=no,peers=$(cat "$tmp/dg/peers")")
     # Cold: no peer connected, nothing received, no swarm (the root not looked up yet).
     pre=$(dg_json "$rmnt" '"\(.network.peers) \(.network.bytes_in) \(.swarms | length)"')
     if [ "$pre" != "0 0 0" ]; then

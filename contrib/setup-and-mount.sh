@@ -50,7 +50,7 @@ done
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
 packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev
-          libcjson-dev)
+          libcjson-dev libminiupnpc-dev libnatpmp-dev)
 
 say() { printf '==> %s\n' "$*"; }
 

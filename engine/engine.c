@@ -27,6 +27,7 @@
 #include "engine/log.h"
 #include "engine/lsd.h"
 #include "engine/merkle.h"
+#include "engine/portmap.h"
 #include "engine/root_name.h"
 #include "engine/status.h"
 #include "engine/swarm.h"
@@ -190,6 +191,7 @@ struct dg_engine {
     struct dg_swarms *swarms;
     struct dg_dht_service *dht;
     struct dg_lsd *lsd;          /* LAN discovery, or NULL */
+    struct dg_portmap *portmap;  /* port mapping on the router, or NULL */
     struct dht_search *searches; /* DHT lookups running for the swarms */
     uint16_t port;
 
@@ -1560,6 +1562,12 @@ static int start_network(struct dg_engine *e)
     if (rc < 0)
         return rc;
     e->port = dg_swarms_port(e->swarms);
+    if (e->cfg.upnp || e->cfg.natpmp) {
+        struct dg_portmap_config pc = {
+            .port = e->port, .natpmp = e->cfg.natpmp, .upnp = e->cfg.upnp};
+        if (dg_portmap_start(&e->loop, &pc, &e->portmap) < 0)
+            dg_log(DG_LOG_WARN, "engine", "no port mapping: out of memory");
+    }
     if (e->cfg.lan_discovery) {
         struct dg_lsd_config lc = {
             .port = e->port, .found = lsd_found, .holds = lsd_holds, .arg = e};
@@ -1575,6 +1583,8 @@ static void stop_network(struct dg_engine *e)
 {
     dg_lsd_stop(e->lsd);
     e->lsd = NULL;
+    dg_portmap_stop(e->portmap); /* removes the mapping; the loop runs until it is done */
+    e->portmap = NULL;
     if (e->swarms)
         dg_swarms_stop(e->swarms, NULL, NULL);
     e->swarms = NULL;
@@ -1994,6 +2004,17 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
                 snprintf(net->public_address, sizeof(net->public_address), "%s:%u", ip,
                          ntohs(a->sin_port));
             }
+        }
+        if (e->portmap) {
+            struct dg_portmap_state ps;
+            dg_portmap_get(e->portmap, &ps);
+            net->has_portmap = 1;
+            net->portmap_mapped = ps.mapped;
+            snprintf(net->portmap_method, sizeof(net->portmap_method), "%s", ps.method);
+            snprintf(net->portmap_ip, sizeof(net->portmap_ip), "%s", ps.external_ip);
+            net->portmap_tcp = ps.external_tcp;
+            net->portmap_udp = ps.external_udp;
+            snprintf(net->portmap_error, sizeof(net->portmap_error), "%s", ps.error);
         }
         struct dg_swarm_info *list = calloc(st.swarms ? st.swarms : 1, sizeof(*list));
         if (list) {

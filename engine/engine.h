@@ -40,6 +40,8 @@ struct dg_engine_config {
     uint32_t lookup_timeout_ms; /* a lookup of an unknown root fails after this (0: 15 s) */
     int announce_cached;        /* also announce roots held completely in the cache */
     int lan_discovery;          /* BEP 14 multicast on the local network */
+    int upnp;                   /* map the port on the router with UPnP IGD */
+    int natpmp;                 /* ... or NAT-PMP */
 };
 
 /* Completion of dg_engine_read(): @p status is the byte count (>= 0) with @p data valid only

@@ -77,6 +77,16 @@ char *dg_status_to_json(const struct dg_status *s)
         add_u64(o, "banned", n->banned);
         add_u64(o, "malformed", n->malformed);
         add_u64(o, "announces", n->announces);
+        if (!n->has_portmap) {
+            cJSON_AddNullToObject(o, "portmap");
+        } else if ((d = cJSON_AddObjectToObject(o, "portmap"))) {
+            cJSON_AddBoolToObject(d, "mapped", n->portmap_mapped);
+            cJSON_AddStringToObject(d, "method", n->portmap_method);
+            cJSON_AddStringToObject(d, "external_ip", n->portmap_ip);
+            add_u64(d, "tcp", n->portmap_tcp);
+            add_u64(d, "udp", n->portmap_udp);
+            cJSON_AddStringToObject(d, "error", n->portmap_error);
+        }
     }
     if ((open = cJSON_AddArrayToObject(root, "swarms"))) {
         for (size_t i = 0; i < s->swarm_count; i++) {

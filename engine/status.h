@@ -43,6 +43,12 @@ struct dg_status_network {
     uint64_t banned;    /* addresses banned for bad data */
     uint64_t malformed; /* connections closed for breaking the protocol */
     uint64_t announces;
+    int has_portmap; /* UPnP or NAT-PMP is on */
+    int portmap_mapped;
+    char portmap_method[16]; /* "NAT-PMP", "UPnP" or "" */
+    char portmap_ip[64];     /* the router's public address, "" when unknown */
+    unsigned portmap_tcp, portmap_udp;
+    char portmap_error[160];
 };
 
 struct dg_status {
@@ -71,7 +77,8 @@ struct dg_status {
  * roots {held}, cache {bytes, limit}, reads {waiting}, open [{root, length, blocks_held,
  * blocks_total, readers}], network (null without one: {port, dht {nodes, good, searches,
  * stored_peers, malformed}, public_address (string or null), peers, bytes_in, bytes_out,
- * blocks_in, blocks_out, banned, malformed, announces}), swarms [{root, known, length,
+ * blocks_in, blocks_out, banned, malformed, announces, portmap (null when UPnP and NAT-PMP are
+ * off: {mapped, method, external_ip, tcp, udp, error})}), swarms [{root, known, length,
  * blocks_held, blocks_total, peers, bytes_in, bytes_out}]. */
 char *dg_status_to_json(const struct dg_status *s);
 

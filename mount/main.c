@@ -33,6 +33,8 @@ static int run_mount(struct dg_options *o, int report_fd)
         .lookup_timeout_ms = o->lookup_timeout_ms,
         .announce_cached = o->announce_cached,
         .lan_discovery = o->lsd,
+        .upnp = o->upnp,
+        .natpmp = o->natpmp,
     };
     struct dg_engine *engine = NULL;
     struct dg_fs *fs = NULL;

@@ -153,7 +153,7 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
 #define IS(name) (klen == sizeof(name) - 1 && memcmp(opt, name, klen) == 0)
     if (IS("data_dir") || IS("cache_dir") || IS("cache_size") || IS("read_timeout") ||
         IS("log_level") || IS("port") || IS("bootstrap") || IS("peers") || IS("lookup_timeout") ||
-        IS("announce_cached") || IS("lsd")) {
+        IS("announce_cached") || IS("lsd") || IS("upnp") || IS("natpmp")) {
         if (!value) {
             snprintf(err, errlen, "option %.*s needs a value", (int)klen, opt);
             return -EINVAL;
@@ -222,13 +222,14 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
         }
         return 0;
     }
-    if (IS("lsd")) {
+    if (IS("lsd") || IS("upnp") || IS("natpmp")) {
+        int *slot = IS("lsd") ? &o->lsd : IS("upnp") ? &o->upnp : &o->natpmp;
         if (strcmp(value, "yes") == 0 || strcmp(value, "1") == 0)
-            o->lsd = 1;
+            *slot = 1;
         else if (strcmp(value, "no") == 0 || strcmp(value, "0") == 0)
-            o->lsd = 0;
+            *slot = 0;
         else {
-            snprintf(err, errlen, "bad lsd '%s' (yes or no)", value);
+            snprintf(err, errlen, "bad %.*s '%s' (yes or no)", (int)klen, opt, value);
             return -EINVAL;
         }
         return 0;
@@ -302,6 +303,8 @@ int dg_options_parse(int argc, char **argv, struct dg_options *o, char *err, siz
     o->lookup_timeout_ms = DG_DEFAULT_LOOKUP_TIMEOUT_MS;
     o->announce_cached = 1;
     o->lsd = 1;
+    o->upnp = 1;
+    o->natpmp = 1;
     o->log_level = DG_LOG_INFO;
     err[0] = '\0';
     for (int i = 1; i < argc && rc == 0; i++) {
@@ -406,6 +409,8 @@ void dg_options_usage(FILE *f, const char *prog)
             "                         this (default 15)\n"
             "  -o announce_cached=no  announce only shared files, not complete cached roots\n"
             "  -o lsd=no              no LAN discovery (BEP 14 multicast on the local network)\n"
+            "  -o upnp=no             no port mapping on the router with UPnP IGD\n"
+            "  -o natpmp=no           no port mapping on the router with NAT-PMP\n"
             "  -o offline             no network: serve what this machine holds\n"
             "  -o log_level=LEVEL     error, warn, info (default) or debug\n"
             "  -o FUSE_OPTION         any libfuse mount option, e.g. allow_other\n"

@@ -29,6 +29,8 @@ struct dg_options {
     char *peers;         /* NULL: none */
     int announce_cached; /* announce roots held completely in the cache (default 1) */
     int lsd;             /* LAN discovery (default 1) */
+    int upnp;            /* UPnP IGD port mapping (default 1) */
+    int natpmp;          /* NAT-PMP port mapping (default 1) */
     int log_level;       /* enum dg_log_level */
     int foreground;
     int debug;         /* -d: libfuse debug output, implies foreground */

@@ -439,13 +439,14 @@ class Mount:
     # ---- lifecycle
     def option_string(self, opts=(), dirs=True):
         """The -o string: our directories (unless dirs=False), @opts, and, unless @opts names
-        a bootstrap or offline, bootstrap=none and lsd=no: no test ever lets digfs reach the public DHT
+        a bootstrap or offline, bootstrap=none, lsd=no, upnp=no and natpmp=no: no test ever lets digfs reach the public DHT
         routers (the network-safety rule), even inside run-all.sh's isolated namespace."""
         own = [f"data_dir={self.data}", f"cache_dir={self.cache}"] if dirs else []
         if not any(o.startswith("bootstrap=") or o == "offline" for o in opts):
             own.append("bootstrap=none")
-        if not any(o.startswith("lsd=") or o == "offline" for o in opts):
-            own.append("lsd=no")
+        for name in ("lsd", "upnp", "natpmp"):
+            if not any(o.startswith(name + "=") or o == "offline" for o in opts):
+                own.append(name + "=no")
         return ",".join([*own, *opts])
 
     def command(self, opts=(), foreground=True, extra_args=(), dirs=True, flags=None):

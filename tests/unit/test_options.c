@@ -545,11 +545,14 @@ static void test_network_options(void **state)
     assert_int_equal(o.announce_cached, 1);
     assert_int_equal(o.offline, 0);
     assert_int_equal(o.lsd, 1);
+    assert_int_equal(o.upnp, 1);
+    assert_int_equal(o.natpmp, 1);
     dg_options_free(&o);
 
     assert_int_equal(parse(&o, err, sizeof(err), "m", "-o",
                            "port=6881,bootstrap=127.0.0.1:7000+[::1]:7001,lookup_timeout=2.5,"
-                           "peers=127.0.0.1:1+[::1]:2,announce_cached=no,offline,lsd=no",
+                           "peers=127.0.0.1:1+[::1]:2,announce_cached=no,offline,lsd=no,"
+                           "upnp=no,natpmp=0",
                            NULL),
                      0);
     assert_int_equal(o.port, 6881);
@@ -559,6 +562,8 @@ static void test_network_options(void **state)
     assert_int_equal(o.announce_cached, 0);
     assert_int_equal(o.offline, 1);
     assert_int_equal(o.lsd, 0);
+    assert_int_equal(o.upnp, 0);
+    assert_int_equal(o.natpmp, 0);
     assert_string_equal(o.fuse_opts, ""); /* none of them reaches libfuse */
     dg_options_free(&o);
 
@@ -581,6 +586,8 @@ static void test_network_options(void **state)
         {"lookup_timeout=x", "lookup_timeout"},
         {"announce_cached=maybe", "announce_cached"},
         {"lsd=sometimes", "lsd"},
+        {"upnp=", "upnp"},
+        {"natpmp=2", "natpmp"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         rc = parse(&o, err, sizeof(err), "m", "-o", bad[i][0], NULL);
