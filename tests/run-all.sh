@@ -23,7 +23,8 @@ repo=$(pwd)
 
 packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev libcjson-dev
           libcmocka-dev python3 python3-libtorrent attr clang libclang-rt-14-dev clang-format
-          iproute2 iptables libminiupnpc-dev libnatpmp-dev)
+          iproute2 iptables libminiupnpc-dev libnatpmp-dev miniupnpd-nftables miniupnpc natpmpc
+          nftables)
 
 say() { printf '==> %s\n' "$*"; }
 
