@@ -367,6 +367,47 @@ static int write_all(int fd, const uint8_t *buf, size_t len)
     return 0;
 }
 
+/* <state_path>.addr: the public IPv4 address the last run learned (text), so that the next run
+ * starts with a BEP 42 id valid for it. */
+static void addr_path(const struct dg_dht_service *s, char *out, size_t size)
+{
+    snprintf(out, size, "%s.addr", s->state_path);
+}
+
+static void address_save(struct dg_dht_service *s)
+{
+    struct sockaddr_storage ext;
+    char path[PATH_MAX], ip[INET_ADDRSTRLEN];
+    FILE *f;
+
+    if (dg_dht_external_addr(s->dht, &ext) != 0 || ext.ss_family != AF_INET)
+        return;
+    inet_ntop(AF_INET, &((const struct sockaddr_in *)&ext)->sin_addr, ip, sizeof(ip));
+    addr_path(s, path, sizeof(path));
+    if ((f = fopen(path, "w"))) {
+        fprintf(f, "%s\n", ip);
+        fclose(f);
+    }
+}
+
+/* The address saved by address_save(), if any. @return 0 or -ENOENT. */
+static int address_load(const struct dg_dht_service *s, struct sockaddr_in *out)
+{
+    char path[PATH_MAX], ip[64] = "";
+    FILE *f;
+
+    addr_path(s, path, sizeof(path));
+    if (!(f = fopen(path, "r")))
+        return -ENOENT;
+    int ok = fscanf(f, "%63s", ip) == 1;
+    fclose(f);
+    memset(out, 0, sizeof(*out));
+    out->sin_family = AF_INET;
+    if (!ok || inet_pton(AF_INET, ip, &out->sin_addr) != 1)
+        return -ENOENT;
+    return 0;
+}
+
 /* Saves the table: tmp file, fsync, rename, fsync of the directory (best effort). */
 static int state_save(struct dg_dht_service *s)
 {
@@ -375,6 +416,7 @@ static int state_save(struct dg_dht_service *s)
 
     if (!s->state_path)
         return 0;
+    address_save(s);
     buf = malloc(DG_DHT_SAVE_MAX);
     if (!buf)
         return -ENOMEM;
@@ -641,6 +683,21 @@ int dg_dht_service_start(uv_loop_t *loop, const struct dg_dht_service_config *cf
         memcpy(s->tmp_path + plen, ".tmp", 5);
         saved = state_load_id(s->state_path, dc.id, &saved_len);
         dc.have_id = saved != NULL;
+        /* BEP 42: with the public address of the last run known, the id is made valid for it
+         * (nodes that enforce BEP 42 keep only such ids in their tables). */
+        struct sockaddr_in pub;
+        if (address_load(s, &pub) == 0 &&
+            (!dc.have_id || !dg_node_id_valid_for(dc.id, (const struct sockaddr *)&pub))) {
+            uint8_t r;
+            rand_bytes(NULL, &r, 1);
+            if (dg_node_id_make((const struct sockaddr *)&pub, r, rand_bytes, NULL, dc.id) == 0) {
+                char ip[INET_ADDRSTRLEN];
+                inet_ntop(AF_INET, &pub.sin_addr, ip, sizeof(ip));
+                dc.have_id = 1;
+                dg_log(DG_LOG_INFO, LOG_MODULE, "node id made for the public address %s (BEP 42)",
+                       ip);
+            }
+        }
     }
     dc.family = AF_INET;
     dc.table_flags = lab_flags(s->boot, s->nboot);

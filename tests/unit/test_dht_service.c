@@ -480,6 +480,47 @@ static void start_on_damaged(struct lab *lab, const char *path, const uint8_t *o
     assert_memory_equal(id, new_id, DG_NODE_ID_LEN);
 }
 
+/* (4b) BEP 42: with the public address of the last run saved next to the state, the node
+ * starts with an id valid for it (a saved id that is not is replaced), and keeps it. */
+static void test_id_for_public_address(void **state)
+{
+    struct lab lab;
+    char path[128], addr_file[160];
+    struct sockaddr_in pub;
+    uint8_t id[DG_NODE_ID_LEN];
+
+    (void)state;
+    lab_init(&lab);
+    snprintf(path, sizeof(path), "%s/dht.state", lab.dir);
+    snprintf(addr_file, sizeof(addr_file), "%s.addr", path);
+    assert_int_equal(uv_ip4_addr("198.51.100.7", 0, &pub), 0);
+
+    /* A first run without an address: a random id, saved (not valid for pub, almost surely;
+     * the test makes sure by trying until it is not). */
+    for (int tries = 0;; tries++) {
+        assert_true(tries < 16);
+        lab_start(&lab, 0, path);
+        memcpy(id, dg_dht_service_id(lab.svc[0]), DG_NODE_ID_LEN);
+        lab_stop(&lab, 0);
+        if (!dg_node_id_valid_for(id, (const struct sockaddr *)&pub))
+            break;
+        unlink(path);
+    }
+    FILE *f = fopen(addr_file, "w");
+    assert_non_null(f);
+    fputs("198.51.100.7\n", f);
+    fclose(f);
+    lab_start(&lab, 0, path);
+    assert_true(dg_node_id_valid_for(dg_dht_service_id(lab.svc[0]), (const struct sockaddr *)&pub));
+    memcpy(id, dg_dht_service_id(lab.svc[0]), DG_NODE_ID_LEN);
+    lab_stop(&lab, 0);
+    /* The next start keeps that (valid) id. */
+    lab_start(&lab, 0, path);
+    assert_memory_equal(dg_dht_service_id(lab.svc[0]), id, DG_NODE_ID_LEN);
+    lab_stop(&lab, 0);
+    lab_free(&lab);
+}
+
 /* (4) A damaged state file is ignored: the service starts with a new random id. */
 static void test_damaged_state(void **state)
 {
@@ -803,7 +844,7 @@ int main(void)
         cmocka_unit_test(test_announce_and_find), cmocka_unit_test(test_empty_table),
         cmocka_unit_test(test_state_restart),     cmocka_unit_test(test_damaged_state),
         cmocka_unit_test(test_other_handler),     cmocka_unit_test(test_stop),
-        cmocka_unit_test(test_large_datagram),
+        cmocka_unit_test(test_large_datagram),    cmocka_unit_test(test_id_for_public_address),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
