@@ -101,7 +101,8 @@ int dg_lsd_parse(const uint8_t *buf, size_t len, struct dg_lsd_message *out)
                     for (size_t i = 0; i < 20 && ok; i++) {
                         int hi = hexval(v[2 * i]), lo = hexval(v[2 * i + 1]);
                         ok = hi >= 0 && lo >= 0;
-                        key[i] = (uint8_t)(hi << 4 | lo);
+                        if (ok)
+                            key[i] = (uint8_t)(hi << 4 | lo);
                     }
                     if (ok)
                         memcpy(out->keys[out->nkeys++], key, 20);

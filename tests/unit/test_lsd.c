@@ -50,6 +50,7 @@ static void test_parse(void **state)
     /* A bad Infohash line is skipped; the good one counts. */
     assert_int_equal(parse("BT-SEARCH * HTTP/1.1\r\nPort: 9\r\nInfohash: xyz\r\nInfohash: "
                            "0123456789abcdef0123456789abcdef0123456g\r\nInfohash: "
+                           "g123456789abcdef0123456789abcdef01234567\r\nInfohash: "
                            "0123456789abcdef0123456789abcdef01234567\r\n\r\n",
                            &m),
                      0);
