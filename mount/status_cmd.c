@@ -109,6 +109,14 @@ static void render(const cJSON *s, const char *mnt)
     human_size(num(net, "bytes_out"), b, sizeof(b));
     printf("  peers    %.0f connected, %s in, %s out, %.0f banned\n", num(net, "peers"), a, b,
            num(net, "banned"));
+    const cJSON *pm = cJSON_GetObjectItemCaseSensitive(net, "portmap");
+    if (!cJSON_IsObject(pm))
+        printf("  router   port mapping off\n");
+    else if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(pm, "mapped")))
+        printf("  router   %s: mapped to %s:%.0f (TCP), %.0f (UDP)\n", str(pm, "method"),
+               str(pm, "external_ip"), num(pm, "tcp"), num(pm, "udp"));
+    else
+        printf("  router   no mapping (%s)\n", str(pm, "error"));
     cJSON_ArrayForEach(item, cJSON_GetObjectItemCaseSensitive(s, "swarms"))
     {
         if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "known"))) {

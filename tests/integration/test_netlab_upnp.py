@@ -291,6 +291,10 @@ def _digfs_maps_and_serves(method_opts, method, port):
     check_eq(st["external_ip"], U.UpnpLab.WAN_IP, "public address the router reported")
     check_eq((st["tcp"], st["udp"]), (port, port), "mapped external ports")
     check(port in mapped_ports(), f"the router has a DNAT rule for {port}", mapped_ports())
+    human = subprocess.run([T.BIN, "status", lan.mnt], capture_output=True, text=True,
+                           timeout=60).stdout
+    check(f"{method}: mapped to {U.UpnpLab.WAN_IP}:{port}" in human,
+          "digfs status shows the mapping", human)
     data = T.data_of(2 * T.LEAF * 64 + 11, 500 + port % 100)
     root = T.share(lan, "behind-nat.bin", data)
     pub = LabMount("pub", f"pm-pub-{method}", [f"peers={U.UpnpLab.WAN_IP}:{port}",
