@@ -1030,7 +1030,7 @@ class Leecher:
         have = bytearray(nblocks)
         missing = nblocks
         ready = []                 # blocks with a verified leaf, not requested yet (a stack)
-        hash_todo = []             # (layer, index, count, piece) still to request
+        hash_queue = []             # (layer, index, count, piece) still to request
         hash_out = {}              # header -> piece (None for the piece layer)
         piece_leaves = {}          # piece -> {index: [hashes]} collected
         block_out = set()
@@ -1046,13 +1046,13 @@ class Leecher:
             leaves[0] = self.root
             ready.append(0)
         else:
-            hash_todo.append((pl, 0, pc, None))
+            hash_queue.append((pl, 0, pc, None))
 
         def send_requests():
             nonlocal ready
             buf = []
-            while hash_todo and len(hash_out) < self.hash_pipeline:
-                lyr, idx, cnt, p = hash_todo.pop(0)
+            while hash_queue and len(hash_out) < self.hash_pipeline:
+                lyr, idx, cnt, p = hash_queue.pop(0)
                 hash_out[(lyr, idx, cnt, 0)] = p
                 buf.append(msg_hash_header(HASH_REQUEST, lyr, idx, cnt, 0))
                 self.stats["hash_requests"] += 1
@@ -1080,7 +1080,7 @@ class Leecher:
 
         while missing:
             send_requests()
-            if not (hash_out or block_out or hash_todo or ready or waiting_for_have):
+            if not (hash_out or block_out or hash_queue or ready or waiting_for_have):
                 raise PeerError("nothing to ask for but blocks are missing (internal error)")
             msg_id, payload = self._next(st)
             if msg_id == PIECE:
@@ -1120,7 +1120,7 @@ class Leecher:
                             blocks = piece_blocks(p2)
                             for start in range(blocks.start, blocks.stop, HASH_MAX_COUNT):
                                 n = min(HASH_MAX_COUNT, blocks.stop - start)
-                                hash_todo.append((0, start, n, p2))
+                                hash_queue.append((0, start, n, p2))
                 else:
                     parts = piece_leaves.setdefault(p, {})
                     parts[idx] = hashes

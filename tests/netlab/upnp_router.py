@@ -574,7 +574,7 @@ class UpnpLab:
                 if h == "lan" and line.startswith(f"default via {self.LAN_GW} dev eth0"):
                     continue
                 raise LabError(f"unexpected route in {h}: {line}")
-        r = self.run("rtr", ["ip", "-4", "route", "get", "1.1.1.1"])
+        r = self.run("rtr", ["ip", "-4", "route", "get", "198.18.0.1"])
         if r.returncode == 0:
             raise LabError(f"the router can route out of the lab: {r.stdout.strip()}")
 

@@ -577,7 +577,7 @@ static void test_parse_bootstrap(void **state)
 {
     static const char *const good[] = {
         "127.0.0.1:6881",
-        "router.bittorrent.com:6881",
+        "dht-router.invalid:6881", /* syntax only: never resolved here */
         "[::1]:6881",
         "[2001:db8::1]:1",
         "none",
