@@ -73,6 +73,14 @@ struct search {
 struct vote {
     struct dg_dht_compact reporter; /* its IP, port zeroed */
     struct dg_dht_compact reported;
+    uint64_t at_ms;
+};
+
+/* A node that stored one of our announces, pinged so that our NAT keeps its mapping towards
+ * it open (it is the rendezvous others ask to reach us). */
+struct keepalive {
+    struct dg_dht_compact addr;
+    uint64_t announced_ms, pinged_ms;
 };
 
 struct dg_dht {
@@ -80,6 +88,7 @@ struct dg_dht {
     size_t clen; /* compact address length: 6 or 18 */
     size_t nlen; /* compact node info length: 26 or 38 */
     int same_ip; /* DG_DHT_TABLE_SAME_IP: reporters are told apart by IP and port */
+    int implied_port;
     uint8_t id[DG_NODE_ID_LEN];
     uint8_t version[DG_DHT_VERSION_MAX];
     size_t version_len;
@@ -106,6 +115,10 @@ struct dg_dht {
 
     struct vote votes[DG_DHT_VOTES];
     size_t nvotes, vote_next;
+
+    uint64_t keepalive_ms; /* 0: off */
+    struct keepalive keepalives[DG_DHT_KEEPALIVE_NODES];
+    size_t nkeepalives;
 
     struct dg_dht_stats st; /* counters and the learned address */
 };
@@ -301,8 +314,8 @@ static int send_query(struct dg_dht *d, const struct query_args *a, const struct
         len = dg_krpc_encode_get_peers(buf, sizeof(buf), &h, d->id, a->target, 0);
         break;
     case DG_KRPC_ANNOUNCE_PEER:
-        len = dg_krpc_encode_announce_peer(buf, sizeof(buf), &h, d->id, a->target, a->port, 0,
-                                           a->token, a->token_len);
+        len = dg_krpc_encode_announce_peer(buf, sizeof(buf), &h, d->id, a->target, a->port,
+                                           d->implied_port, a->token, a->token_len);
         break;
     default:
         break;
@@ -361,7 +374,7 @@ static void failed(struct dg_dht *d, const uint8_t *id, const struct dg_dht_comp
 /* ---- external address votes ---- */
 
 static void vote(struct dg_dht *d, const struct dg_dht_compact *reporter, const uint8_t *ip,
-                 size_t ip_len)
+                 size_t ip_len, uint64_t now)
 {
     struct vote v;
     size_t i, best = 0, best_count = 0;
@@ -373,6 +386,7 @@ static void vote(struct dg_dht *d, const struct dg_dht_compact *reporter, const 
         memset(v.reporter.bytes + d->clen - 2, 0, 2); /* one vote per IP address */
     v.reported.len = (uint8_t)ip_len;
     memcpy(v.reported.bytes, ip, ip_len);
+    v.at_ms = now;
     for (i = 0; i < d->nvotes; i++)
         if (compact_eq(&d->votes[i].reporter, &v.reporter))
             break;
@@ -397,6 +411,57 @@ static void vote(struct dg_dht *d, const struct dg_dht_compact *reporter, const 
         d->st.have_external = 1;
         d->st.external = d->votes[best].reported;
     }
+}
+
+/* ---- keep-alives of the nodes holding our announces ---- */
+
+static void keepalive_add(struct dg_dht *d, const struct dg_dht_compact *addr, uint64_t now)
+{
+    size_t i, oldest = 0;
+
+    for (i = 0; i < d->nkeepalives; i++)
+        if (compact_eq(&d->keepalives[i].addr, addr))
+            break;
+    if (i == d->nkeepalives) {
+        if (d->nkeepalives < DG_DHT_KEEPALIVE_NODES) {
+            d->nkeepalives++;
+        } else {
+            for (i = 1; i < d->nkeepalives; i++)
+                if (d->keepalives[i].announced_ms < d->keepalives[oldest].announced_ms)
+                    oldest = i;
+            i = oldest;
+        }
+        d->keepalives[i].addr = *addr;
+        d->keepalives[i].pinged_ms = now;
+    }
+    d->keepalives[i].announced_ms = now;
+}
+
+/* Pings the nodes holding our announces that are due. @return ms until the next one is due. */
+static uint64_t keepalive_tick(struct dg_dht *d, uint64_t now)
+{
+    uint64_t next = UINT64_MAX;
+
+    for (size_t i = 0; i < d->nkeepalives;) {
+        struct keepalive *k = &d->keepalives[i];
+        if (elapsed(now, k->announced_ms) >= DG_DHT_KEEPALIVE_FOR_MS) {
+            *k = d->keepalives[--d->nkeepalives];
+            continue;
+        }
+        i++;
+        if (!d->keepalive_ms)
+            continue;
+        if (elapsed(now, k->pinged_ms) >= d->keepalive_ms) {
+            struct query_args a = {.method = DG_KRPC_PING};
+            if (send_query(d, &a, &k->addr, NULL, Q_PING, -1, 0, now) == 0) {
+                k->pinged_ms = now;
+                d->st.keepalives++;
+            }
+        }
+        uint64_t left = until(now, k->pinged_ms + d->keepalive_ms);
+        next = left < next ? left : next;
+    }
+    return next;
 }
 
 /* ---- lookups ---- */
@@ -524,7 +589,7 @@ static void search_finish(struct dg_dht *d, struct search *s)
     s->id = 0;
     d->nsearches--;
     if (cb)
-        cb(arg, id, NULL, 0, 1);
+        cb(arg, id, NULL, 0, NULL, 1);
 }
 
 /* Sends announce_peer to the K closest nodes that replied with a token. */
@@ -602,8 +667,10 @@ static void search_step(struct dg_dht *d, struct search *s, uint64_t now)
 }
 
 /* Reports the new peers of a reply. @return 0, or -1 if the callback ended the lookup. */
-static int search_peers(struct search *s, const struct dg_krpc_msg *m, size_t clen)
+static int search_peers(struct search *s, const struct dg_krpc_msg *m, size_t clen,
+                        const struct dg_dht_compact *from)
 {
+    struct sockaddr_storage ss;
     struct dg_dht_compact fresh[DG_KRPC_MAX_VALUES];
     size_t nfresh = 0;
 
@@ -625,7 +692,8 @@ static int search_peers(struct search *s, const struct dg_krpc_msg *m, size_t cl
     if (nfresh == 0 || !s->cb)
         return 0;
     uint32_t id = s->id;
-    s->cb(s->arg, id, fresh, nfresh, 0);
+    compact_to_addr(from, &ss);
+    s->cb(s->arg, id, fresh, nfresh, (const struct sockaddr *)&ss, 0);
     return s->id == id ? 0 : -1;
 }
 
@@ -788,7 +856,7 @@ static void handle_response(struct dg_dht *d, const struct dg_krpc_msg *m,
         ok = 1;
         heard(d, m->id, from, DG_DHT_HEARD_REPLY, now);
         if (m->has & DG_KRPC_HAS_IP)
-            vote(d, from, m->ip, m->ip_len);
+            vote(d, from, m->ip, m->ip_len, now);
     }
 
     if (q.purpose == Q_BOOTSTRAP && ok) {
@@ -808,6 +876,8 @@ static void handle_response(struct dg_dht *d, const struct dg_krpc_msg *m,
     if (!s)
         return;
     if (q.purpose == Q_ANNOUNCE) {
+        if (ok)
+            keepalive_add(d, &q.addr, now);
         if (s->announces > 0)
             s->announces--;
         search_step(d, s, now);
@@ -826,7 +896,7 @@ static void handle_response(struct dg_dht *d, const struct dg_krpc_msg *m,
             memcpy(sn->token, m->token, m->token_len);
         }
         search_add_nodes(d, s, nodes, nnodes);
-        if (s->kind == S_GET_PEERS && search_peers(s, m, d->clen) < 0)
+        if (s->kind == S_GET_PEERS && search_peers(s, m, d->clen, from) < 0)
             return;
     }
     search_step(d, s, now);
@@ -850,6 +920,7 @@ int dg_dht_new(const struct dg_dht_config *cfg, uint64_t now_ms, struct dg_dht *
         return -ENOMEM;
     d->family = cfg->family;
     d->same_ip = (cfg->table_flags & DG_DHT_TABLE_SAME_IP) != 0;
+    d->implied_port = cfg->implied_port != 0;
     d->clen = cfg->family == AF_INET ? DG_DHT_COMPACT4_LEN : DG_DHT_COMPACT6_LEN;
     d->nlen = cfg->family == AF_INET ? DG_KRPC_NODE_LEN : DG_KRPC_NODE6_LEN;
     d->send = cfg->send;
@@ -962,6 +1033,9 @@ void dg_dht_receive(struct dg_dht *d, const uint8_t *buf, size_t len, const stru
 uint64_t dg_dht_tick(struct dg_dht *d, uint64_t now_ms)
 {
     uint64_t next = 60000;
+
+    uint64_t ka = keepalive_tick(d, now_ms);
+    next = ka < next ? ka : next;
 
     /* Expired queries. */
     for (size_t i = 0; i < DG_DHT_MAX_QUERIES && d->nqueries > 0; i++) {
@@ -1114,6 +1188,64 @@ int dg_dht_external_addr(const struct dg_dht *d, struct sockaddr_storage *out)
         return -ENOENT;
     compact_to_addr(&d->st.external, out);
     return 0;
+}
+
+void dg_dht_set_keepalive(struct dg_dht *d, uint64_t interval_ms)
+{
+    d->keepalive_ms = interval_ms;
+}
+
+void dg_dht_mapping(const struct dg_dht *d, uint64_t now_ms, struct dg_dht_mapping *out)
+{
+    size_t best = 0, best_count = 0;
+    const struct vote *fresh[DG_DHT_VOTES];
+    size_t n = 0;
+    size_t alen = d->clen - 2;
+
+    memset(out, 0, sizeof(*out));
+    for (size_t i = 0; i < d->nvotes; i++)
+        if (elapsed(now_ms, d->votes[i].at_ms) < DG_DHT_MAPPING_FRESH_MS)
+            fresh[n++] = &d->votes[i];
+    /* The IP most observers report, whatever the port. */
+    for (size_t i = 0; i < n; i++) {
+        size_t count = 0;
+        for (size_t j = 0; j < n; j++)
+            count += memcmp(fresh[i]->reported.bytes, fresh[j]->reported.bytes, alen) == 0;
+        if (count > best_count) {
+            best_count = count;
+            best = i;
+        }
+    }
+    if (best_count == 0)
+        return;
+    compact_to_addr(&fresh[best]->reported, &out->addr);
+    out->observers = best_count;
+    /* The distinct ports they saw for it, and how many saw the most common one. */
+    for (size_t i = 0; i < n; i++) {
+        if (memcmp(fresh[i]->reported.bytes, fresh[best]->reported.bytes, alen) != 0)
+            continue;
+        size_t same = 0, first = 1;
+        for (size_t j = 0; j < n; j++) {
+            if (memcmp(fresh[j]->reported.bytes, fresh[best]->reported.bytes, alen) != 0)
+                continue;
+            if (memcmp(fresh[j]->reported.bytes + alen, fresh[i]->reported.bytes + alen, 2) == 0) {
+                same++;
+                if (j < i)
+                    first = 0;
+            }
+        }
+        out->ports += first;
+        if (same > out->same_port) {
+            out->same_port = same;
+            compact_to_addr(&fresh[i]->reported, &out->addr);
+        }
+    }
+}
+
+int dg_dht_announced(struct dg_dht *d, const uint8_t key[DG_NODE_ID_LEN],
+                     const struct sockaddr *peer, uint64_t now_ms)
+{
+    return dg_dht_peer_store_has(d->store, key, peer, now_ms);
 }
 
 int dg_dht_save(const struct dg_dht *d, uint8_t *buf, size_t cap)

@@ -90,9 +90,12 @@
 #define DG_DHT_TID_LEN 4              /* transaction ids the node draws */
 #define DG_DHT_VOTES 16               /* external address reports remembered */
 #define DG_DHT_VOTE_MIN 3             /* reporters needed to learn our address */
-#define DG_DHT_EXPIRE_MS (60u * 1000) /* how often stored peers are expired */
-#define DG_DHT_VERSION_MAX 8          /* longest client version ("v") kept */
-#define DG_DHT_THIN_LOOKUP_MS 30000u  /* own-id lookup interval while < K good nodes */
+#define DG_DHT_MAPPING_FRESH_MS (30u * 60 * 1000) /* votes older than this say nothing */
+#define DG_DHT_KEEPALIVE_NODES 32                 /* nodes holding our announces kept pinged */
+#define DG_DHT_KEEPALIVE_FOR_MS (20u * 60 * 1000) /* pinged this long after an announce */
+#define DG_DHT_EXPIRE_MS (60u * 1000)             /* how often stored peers are expired */
+#define DG_DHT_VERSION_MAX 8                      /* longest client version ("v") kept */
+#define DG_DHT_THIN_LOOKUP_MS 30000u              /* own-id lookup interval while < K good nodes */
 
 /* Sends one datagram of @p len bytes to @p to. Return 0, or a negative errno (counted in
  * send_failed; the node behaves as if the datagram was lost). The buffer is valid only during
@@ -104,20 +107,25 @@ typedef int (*dg_dht_send_fn)(void *arg, const struct sockaddr *to, socklen_t to
                               const uint8_t *buf, size_t len);
 
 /* Results of a dg_dht_get_peers() lookup. Called with the new, de-duplicated peers of a reply
- * (@p done 0, @p npeers > 0, compact addresses of the node's family), then exactly once with
- * @p done 1 (and no peers) when the lookup has ended, including its announces; not called
+ * (@p done 0, @p npeers > 0, compact addresses of the node's family, @p from the node that
+ * returned them: it holds their announces, so it can act as their rendezvous), then exactly
+ * once with @p done 1 (no peers, @p from NULL) when the lookup has ended, including its
+ * announces; not called
  * after dg_dht_cancel_search(). @p peers is valid only during the call. The callback may call
  * dg_dht_get_peers(), dg_dht_cancel_search() and dg_dht_stats(), but not dg_dht_free(),
  * dg_dht_receive() or dg_dht_tick(). */
 typedef void (*dg_dht_search_cb)(void *arg, uint32_t search_id, const struct dg_dht_compact *peers,
-                                 size_t npeers, int done);
+                                 size_t npeers, const struct sockaddr *from, int done);
 
 struct dg_dht_config {
     int family;                 /* AF_INET or AF_INET6 */
     int have_id;                /* 1: use @c id; 0: draw a random id (not BEP 42-valid) */
     uint8_t id[DG_NODE_ID_LEN]; /* our node id; making it BEP 42-valid is the caller's job */
     unsigned table_flags;       /* DG_DHT_TABLE_* (0: BEP 42 enforced, one node per IP) */
-    dg_dht_send_fn send;        /* required */
+    /* 1: announce with implied_port, so that storing nodes record the port our queries come
+     * from (the UDP port as a NAT maps it towards them) instead of announce_port. */
+    int implied_port;
+    dg_dht_send_fn send; /* required */
     void *send_arg;
     dg_rand_bytes_fn rand_bytes; /* required; a CSPRNG outside tests */
     void *rand_arg;
@@ -158,6 +166,7 @@ struct dg_dht_stats {
     uint64_t announces_stored;      /* announce_peer accepted */
     uint64_t dropped_queries;       /* queries not sent: DG_DHT_MAX_QUERIES outstanding */
     uint64_t send_failed;           /* send callback errors */
+    uint64_t keepalives;            /* pings sent to keep a NAT mapping towards a node open */
     int have_external;              /* 1 when our external address has been learned */
     struct dg_dht_compact external; /* that address (6 or 18 bytes), if have_external */
 };
@@ -228,6 +237,27 @@ void dg_dht_stats(const struct dg_dht *d, uint64_t now_ms, struct dg_dht_stats *
  * @param[out] out  the address (port as reported) if learned.
  * @return 0, or -ENOENT if not learned yet. */
 int dg_dht_external_addr(const struct dg_dht *d, struct sockaddr_storage *out);
+
+/* Keep-alives: while @p interval_ms is not 0, every node that accepted one of our announces in
+ * the last DG_DHT_KEEPALIVE_FOR_MS (at most DG_DHT_KEEPALIVE_NODES of them, the latest) is
+ * pinged every @p interval_ms, so that a NAT in front of us keeps its mapping towards that node
+ * open and the node can pass us a hole-punching request (engine/holepunch.h). Off at start. */
+void dg_dht_set_keepalive(struct dg_dht *d, uint64_t interval_ms);
+
+/* How our address looks to the nodes that reported it (the "ip" of their replies, the last
+ * DG_DHT_MAPPING_FRESH_MS): the basis of NAT classification (RFC 4787). */
+struct dg_dht_mapping {
+    size_t observers;             /* reporters (one per IP) of the most reported IP; 0: none */
+    size_t ports;                 /* distinct ports they saw for it */
+    size_t same_port;             /* how many of them saw the most common port */
+    struct sockaddr_storage addr; /* that IP with that port */
+};
+void dg_dht_mapping(const struct dg_dht *d, uint64_t now_ms, struct dg_dht_mapping *out);
+
+/* Whether @p peer (address and port) announced @p key to us and has not expired: the check a
+ * rendezvous makes before passing anything to it. @return 1 or 0. */
+int dg_dht_announced(struct dg_dht *d, const uint8_t key[DG_NODE_ID_LEN],
+                     const struct sockaddr *peer, uint64_t now_ms);
 
 /* Saves the routing table (format and contents: dg_dht_table_save()).
  * @return the length written, or -ENOSPC (DG_DHT_SAVE_MAX bytes always suffice). */

@@ -597,13 +597,13 @@ static void lookup_unlink(struct dg_dht_service *s, struct lookup *l)
 }
 
 static void lookup_cb(void *arg, uint32_t search_id, const struct dg_dht_compact *peers,
-                      size_t npeers, int done)
+                      size_t npeers, const struct sockaddr *from, int done)
 {
     struct lookup *l = arg;
     struct dg_dht_service *s = l->s;
 
     if (!s->stopping)
-        l->cb(l->arg, search_id, peers, npeers, done);
+        l->cb(l->arg, search_id, peers, npeers, from, done);
     /* Only the final call owns @p l now: a cancel in a non-final callback has freed it. */
     if (!done)
         return;
@@ -701,6 +701,7 @@ int dg_dht_service_start(uv_loop_t *loop, const struct dg_dht_service_config *cf
     }
     dc.family = AF_INET;
     dc.table_flags = lab_flags(s->boot, s->nboot);
+    dc.implied_port = cfg->implied_port;
     dc.send = send_datagram;
     dc.send_arg = s;
     dc.rand_bytes = rand_bytes;
@@ -839,6 +840,34 @@ void dg_dht_service_stats(const struct dg_dht_service *s, struct dg_dht_stats *s
 int dg_dht_service_external(const struct dg_dht_service *s, struct sockaddr_storage *out)
 {
     return dg_dht_external_addr(s->dht, out);
+}
+
+int dg_dht_service_send(struct dg_dht_service *s, const uint8_t *buf, size_t len,
+                        const struct sockaddr *to)
+{
+    uv_buf_t b = uv_buf_init((char *)buf, (unsigned)len);
+
+    if (s->stopping)
+        return -ESHUTDOWN;
+    int rc = uv_udp_try_send(&s->udp, &b, 1, to);
+    return rc < 0 ? rc : 0;
+}
+
+void dg_dht_service_set_keepalive(struct dg_dht_service *s, uint64_t interval_ms)
+{
+    dg_dht_set_keepalive(s->dht, interval_ms);
+    kick(s);
+}
+
+void dg_dht_service_mapping(struct dg_dht_service *s, struct dg_dht_mapping *out)
+{
+    dg_dht_mapping(s->dht, now_ms(s), out);
+}
+
+int dg_dht_service_announced(struct dg_dht_service *s, const uint8_t key[DG_NODE_ID_LEN],
+                             const struct sockaddr *peer)
+{
+    return dg_dht_announced(s->dht, key, peer, now_ms(s));
 }
 
 void dg_dht_service_set_other_handler(struct dg_dht_service *s, dg_dht_service_other_fn fn,

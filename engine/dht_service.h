@@ -69,6 +69,10 @@ struct dg_dht_service_config {
     /* File holding the saved routing table (and thus our id); NULL: nothing is saved. Its
      * directory must exist; the temporary file is "<state_path>.tmp". */
     const char *state_path;
+    /* Announce with implied_port (see struct dg_dht_config): the engine does, because its UDP
+     * and TCP ports are the same number, and a node that stores our announce must know the
+     * port a NAT gives us towards it to pass us hole punching requests. */
+    int implied_port;
 };
 
 struct dg_dht_service; /* opaque */
@@ -142,6 +146,23 @@ int dg_dht_service_external(const struct dg_dht_service *s, struct sockaddr_stor
  * dropped. */
 void dg_dht_service_set_other_handler(struct dg_dht_service *s, dg_dht_service_other_fn fn,
                                       void *arg);
+
+/* Sends a datagram that is not the DHT's (uTP, hole punching) on the service's socket, at once
+ * (uv_udp_try_send). @return 0, -ESHUTDOWN after stop, or a uv error (-EAGAIN when the socket
+ * buffer is full: the caller treats it as a lost datagram). */
+int dg_dht_service_send(struct dg_dht_service *s, const uint8_t *buf, size_t len,
+                        const struct sockaddr *to);
+
+/* See dg_dht_set_keepalive(): pings that keep our NAT's mappings towards the nodes holding
+ * our announces open. 0: off. */
+void dg_dht_service_set_keepalive(struct dg_dht_service *s, uint64_t interval_ms);
+
+/* How our address looks to the nodes that reported it (see dg_dht_mapping()). */
+void dg_dht_service_mapping(struct dg_dht_service *s, struct dg_dht_mapping *out);
+
+/* Whether @p peer announced @p key to this node (see dg_dht_announced()). */
+int dg_dht_service_announced(struct dg_dht_service *s, const uint8_t key[DG_NODE_ID_LEN],
+                             const struct sockaddr *peer);
 
 /* Stops the service: saves the table (if state_path), ends every lookup without a callback,
  * stops pending bootstrap resolutions and closes the socket and timers. Nothing is sent or

@@ -1260,6 +1260,39 @@ size_t dg_dht_peer_store_get(struct dg_dht_peer_store *s, const uint8_t info_has
     return cnt;
 }
 
+int dg_dht_peer_store_has(const struct dg_dht_peer_store *s,
+                          const uint8_t info_hash[DG_NODE_ID_LEN], const struct sockaddr *addr,
+                          uint64_t now_ms)
+{
+    const struct skey *k = key_find(s, info_hash);
+    const uint8_t *ip;
+    size_t alen;
+    uint16_t port;
+
+    if (!k || !addr)
+        return 0;
+    if (addr->sa_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)addr;
+        ip = (const uint8_t *)&a->sin_addr;
+        alen = 4;
+        port = ntohs(a->sin_port);
+    } else if (addr->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)addr;
+        ip = (const uint8_t *)&a->sin6_addr;
+        alen = 16;
+        port = ntohs(a->sin6_port);
+    } else {
+        return 0;
+    }
+    for (size_t i = 0; i < k->n; i++) {
+        const struct speer *p = &k->peers[i];
+        if (p->alen == alen && p->port == port && memcmp(p->ip, ip, alen) == 0 &&
+            elapsed(now_ms, p->seen) < s->ttl)
+            return 1;
+    }
+    return 0;
+}
+
 size_t dg_dht_peer_store_expire(struct dg_dht_peer_store *s, uint64_t now_ms)
 {
     size_t dropped = 0;

@@ -353,6 +353,11 @@ int dg_dht_peer_store_add(struct dg_dht_peer_store *s, const uint8_t info_hash[D
 size_t dg_dht_peer_store_get(struct dg_dht_peer_store *s, const uint8_t info_hash[DG_NODE_ID_LEN],
                              int family, struct dg_dht_compact *out, size_t max, uint64_t now_ms);
 
+/* Whether @p addr (IP and port) is stored, unexpired, for @p info_hash. @return 1 or 0. */
+int dg_dht_peer_store_has(const struct dg_dht_peer_store *s,
+                          const uint8_t info_hash[DG_NODE_ID_LEN], const struct sockaddr *addr,
+                          uint64_t now_ms);
+
 /* Drops expired peers and empty info hashes. Call it every minute or so.
  * @return the number of peers dropped. */
 size_t dg_dht_peer_store_expire(struct dg_dht_peer_store *s, uint64_t now_ms);

@@ -31,6 +31,7 @@
 #include "engine/root_name.h"
 #include "engine/status.h"
 #include "engine/swarm.h"
+#include "engine/traversal.h"
 
 #define FLUSH_INTERVAL_MS 1000
 #define HASH_RETRIES 3       /* a file that keeps changing while read is marked failed */
@@ -190,9 +191,10 @@ struct dg_engine {
     char *bootstrap, *peers;
     struct dg_swarms *swarms;
     struct dg_dht_service *dht;
-    struct dg_lsd *lsd;          /* LAN discovery, or NULL */
-    struct dg_portmap *portmap;  /* port mapping on the router, or NULL */
-    struct dht_search *searches; /* DHT lookups running for the swarms */
+    struct dg_lsd *lsd;             /* LAN discovery, or NULL */
+    struct dg_portmap *portmap;     /* port mapping on the router, or NULL */
+    struct dg_traversal *traversal; /* uTP, hole punching, relay, NAT class; or NULL */
+    struct dht_search *searches;    /* DHT lookups running for the swarms */
     uint16_t port;
 
     struct dg_control *control; /* the control socket, or NULL */
@@ -1302,13 +1304,13 @@ static void dht_search_unlink(struct dg_engine *e, struct dht_search *ds)
 }
 
 static void dht_found(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n,
-                      int done)
+                      const struct sockaddr *from, int done)
 {
     struct dht_search *ds = arg;
 
     (void)id;
     if (n > 0 && ds->e->swarms)
-        dg_swarms_found(ds->e->swarms, ds->key, peers, n);
+        dg_swarms_found(ds->e->swarms, ds->key, peers, n, from);
     if (done) {
         dht_search_unlink(ds->e, ds);
         free(ds);
@@ -1387,7 +1389,7 @@ static void lsd_found(void *arg, const uint8_t key[20], const struct sockaddr_in
         return;
     memcpy(peer.bytes, &from->sin_addr, 4);
     memcpy(peer.bytes + 4, &from->sin_port, 2);
-    dg_swarms_found(e->swarms, key, &peer, 1);
+    dg_swarms_found(e->swarms, key, &peer, 1, NULL);
 }
 
 static int lsd_holds(void *arg, const uint8_t key[20])
@@ -1511,6 +1513,27 @@ static int choose_port(struct dg_engine *e)
     return rc;
 }
 
+static int host_traverse(void *arg, const uint8_t key[20], const struct sockaddr *target,
+                         const struct sockaddr *via, int relay)
+{
+    struct dg_engine *e = arg;
+
+    if (!e->traversal)
+        return -ENOTSUP;
+    return dg_traversal_request(e->traversal, key, target, via, relay);
+}
+
+static int traversal_mapped(void *arg)
+{
+    struct dg_engine *e = arg;
+    struct dg_portmap_state ps;
+
+    if (!e->portmap)
+        return 0;
+    dg_portmap_get(e->portmap, &ps);
+    return ps.mapped;
+}
+
 /* Starts the DHT and the peer listener on the loop (before the loop thread runs).
  * @return 0 or -errno. */
 static int start_network(struct dg_engine *e)
@@ -1530,10 +1553,28 @@ static int start_network(struct dg_engine *e)
         if (!state)
             return -ENOMEM;
         dc.state_path = state;
+        dc.implied_port = 1;
         rc = dg_dht_service_start(&e->loop, &dc, &e->dht);
         free(state);
         if (rc < 0)
             continue;
+        struct dg_traversal_config tc = {
+            .loop = &e->loop,
+            .dht = e->dht,
+            .holepunch = e->cfg.holepunch,
+            .relay = e->cfg.relay,
+            .relay_streams = 16,
+            .relay_rate = e->cfg.relay_rate ? e->cfg.relay_rate : 4ull << 20,
+            .mapped = traversal_mapped,
+            .arg = e,
+        };
+        rc = dg_traversal_start(&tc, &e->traversal);
+        if (rc < 0) {
+            dg_dht_service_stop(e->dht, NULL, NULL);
+            e->dht = NULL;
+            e->traversal = NULL;
+            return rc;
+        }
         sc.loop = &e->loop;
         sc.cache = e->cache;
         sc.host.arg = e;
@@ -1546,6 +1587,9 @@ static int start_network(struct dg_engine *e)
         sc.host.open = host_open;
         sc.host.each_wanted = host_each_wanted;
         sc.host.dht_lookup = host_dht_lookup;
+        sc.host.traverse = host_traverse;
+        sc.utp = dg_traversal_utp(e->traversal);
+        sc.prefer_utp = e->cfg.prefer_utp;
         memcpy(sc.node_id, dg_dht_service_id(e->dht), 20);
         sc.port = (uint16_t)port;
         sc.peers = e->peers;
@@ -1553,6 +1597,8 @@ static int start_network(struct dg_engine *e)
         sc.announce_complete = e->cfg.announce_cached;
         rc = dg_swarms_start(&sc, &e->swarms);
         if (rc < 0) {
+            dg_traversal_stop(e->traversal, NULL, NULL);
+            e->traversal = NULL;
             dg_dht_service_stop(e->dht, NULL, NULL);
             e->dht = NULL;
             if (e->cfg.port)
@@ -1562,6 +1608,7 @@ static int start_network(struct dg_engine *e)
     if (rc < 0)
         return rc;
     e->port = dg_swarms_port(e->swarms);
+    dg_traversal_set_swarms(e->traversal, e->swarms);
     if (e->cfg.upnp || e->cfg.natpmp) {
         struct dg_portmap_config pc = {
             .port = e->port, .natpmp = e->cfg.natpmp, .upnp = e->cfg.upnp};
@@ -1588,6 +1635,8 @@ static void stop_network(struct dg_engine *e)
     if (e->swarms)
         dg_swarms_stop(e->swarms, NULL, NULL);
     e->swarms = NULL;
+    dg_traversal_stop(e->traversal, NULL, NULL); /* after the swarms: their uTP sockets */
+    e->traversal = NULL;
     if (e->dht)
         dg_dht_service_stop(e->dht, NULL, NULL);
     e->dht = NULL;
@@ -2005,6 +2054,30 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
                          ntohs(a->sin_port));
             }
         }
+        if (e->traversal) {
+            struct dg_traversal_info ti;
+            dg_traversal_get_info(e->traversal, &ti);
+            net->has_nat = 1;
+            snprintf(net->nat_class, sizeof(net->nat_class), "%s", dg_nat_class_name(ti.nat));
+            snprintf(net->nat_reason, sizeof(net->nat_reason), "%s", ti.nat_reason);
+            net->nat_observers = ti.observers;
+            net->nat_ports = ti.ports;
+            snprintf(net->nat_address, sizeof(net->nat_address), "%s", ti.address);
+            net->utp_connections = ti.utp_connections;
+            net->utp_retransmits = ti.utp.retransmits;
+            net->utp_malformed = ti.utp.malformed;
+            net->hp_connects = ti.hp.connects;
+            net->hp_punched = ti.hp.punched;
+            net->hp_relayed = ti.hp.relayed;
+            net->hp_failed = ti.hp.failed;
+            net->hp_forwarded = ti.hp.forwarded;
+            net->hp_answered = ti.hp.answered;
+            net->relay_on = ti.relay_on;
+            net->relay_port = ti.relay_port;
+            net->relay_streams = ti.relay.streams;
+            net->relay_streams_total = ti.relay.streams_total;
+            net->relay_bytes = ti.relay.bytes;
+        }
         if (e->portmap) {
             struct dg_portmap_state ps;
             dg_portmap_get(e->portmap, &ps);
@@ -2030,6 +2103,10 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
                     w->blocks_held = list[k].blocks_held;
                     w->blocks_total = list[k].blocks_total;
                     w->peers = list[k].peers;
+                    w->peers_tcp = list[k].peers_tcp;
+                    w->peers_utp = list[k].peers_utp;
+                    w->peers_relayed = list[k].peers_relayed;
+                    w->peers_punched = list[k].peers_punched;
                     w->bytes_in = list[k].bytes_in;
                     w->bytes_out = list[k].bytes_out;
                 }

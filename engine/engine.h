@@ -42,6 +42,10 @@ struct dg_engine_config {
     int lan_discovery;          /* BEP 14 multicast on the local network */
     int upnp;                   /* map the port on the router with UPnP IGD */
     int natpmp;                 /* ... or NAT-PMP */
+    int holepunch;              /* NAT traversal through rendezvous nodes (engine/traversal.h) */
+    int relay;                  /* relay streams for peers that cannot reach each other */
+    int prefer_utp;             /* direct connections over uTP (the UDP port) instead of TCP */
+    uint64_t relay_rate;        /* bytes/s per relayed stream and direction (0: 4 MiB/s) */
 };
 
 /* Completion of dg_engine_read(): @p status is the byte count (>= 0) with @p data valid only

@@ -1,5 +1,7 @@
-/* One peer wire connection over TCP (docs/PROTOCOL.md section 3): the socket, the read buffer
- * and framing, the write queue, and the connection timers. What the messages mean is the
+/* One peer wire connection (docs/PROTOCOL.md section 3) over TCP, over uTP (engine/utp.h: a
+ * direct or hole-punched UDP path), or over a relay (a TCP stream to a third node that splices
+ * it with the other end's, engine/relay.h): the transport, the read buffer and framing, the
+ * write queue, and the connection timers. What the messages mean is the
  * owner's business (engine/swarm.c); this module only delivers whole, parsed messages.
  *
  * Life cycle: dg_peer_conn_connect() or dg_peer_conn_accept() makes a connection. Bytes read
@@ -22,6 +24,7 @@
 
 #include "engine/peer_msg.h"
 
+#define DG_PEER_CONN_CONNECT_MS 5000u /* a TCP connect not done by then fails */
 #define DG_PEER_CONN_HANDSHAKE_MS 10000u
 #define DG_PEER_CONN_KEEPALIVE_MS 60000u
 #define DG_PEER_CONN_IDLE_MS 150000u
@@ -39,6 +42,15 @@ enum dg_peer_close_reason {
 };
 
 struct dg_peer_conn; /* opaque */
+struct dg_utp;
+struct dg_utp_sock;
+
+/* How the bytes travel. */
+enum dg_peer_transport {
+    DG_PEER_TRANSPORT_TCP = 0,
+    DG_PEER_TRANSPORT_UTP = 1,
+    DG_PEER_TRANSPORT_RELAY = 2,
+};
 
 struct dg_peer_conn_ops {
     /* The connection is open (outgoing ones only; accepted ones are open from the start). */
@@ -65,6 +77,41 @@ int dg_peer_conn_connect(uv_loop_t *loop, const struct sockaddr *addr,
 int dg_peer_conn_accept(uv_stream_t *server, const struct dg_peer_conn_ops *ops, void *owner,
                         struct dg_peer_conn **out);
 
+/* Opens a TCP connection to the relay at @p relay and sends @p preamble (copied; the relay's
+ * preamble, engine/relay.h) before anything else. @p peer is the remote end's address as far
+ * as it is known (dg_peer_conn_addr returns it). @p initiator: 1 if we speak first (we send the
+ * handshake, dg_peer_conn_outgoing is 1), 0 if we wait for the other end's handshake as if we
+ * had accepted the connection. @return as dg_peer_conn_connect. */
+int dg_peer_conn_connect_relay(uv_loop_t *loop, const struct sockaddr *relay,
+                               const struct sockaddr *peer, int initiator, const void *preamble,
+                               size_t preamble_len, const struct dg_peer_conn_ops *ops, void *owner,
+                               struct dg_peer_conn **out);
+
+/* Opens a uTP connection to @p addr on @p path of @p utp (0: the main UDP socket).
+ * @p punched: the path was opened by hole punching (reported by dg_peer_conn_punched).
+ * @return 0 (on_connected or on_close follows), -ENOMEM, -EINVAL. */
+int dg_peer_conn_connect_utp(uv_loop_t *loop, struct dg_utp *utp, int path,
+                             const struct sockaddr *addr, int punched,
+                             const struct dg_peer_conn_ops *ops, void *owner,
+                             struct dg_peer_conn **out);
+
+/* Makes a connection of a uTP socket the uTP module just accepted (the caller's on_accept).
+ * @return 0 or -ENOMEM (the caller then refuses the socket). */
+int dg_peer_conn_accept_utp(uv_loop_t *loop, struct dg_utp_sock *sock, int punched,
+                            const struct dg_peer_conn_ops *ops, void *owner,
+                            struct dg_peer_conn **out);
+
+/* The uTP module's per-socket callbacks (struct dg_utp_ops): the owner of the struct dg_utp
+ * points its ops at these. Sockets whose data is not a connection are ignored. */
+void dg_peer_conn_utp_connected(struct dg_utp_sock *s);
+void dg_peer_conn_utp_read(struct dg_utp_sock *s, const uint8_t *buf, size_t len);
+void dg_peer_conn_utp_writable(struct dg_utp_sock *s);
+void dg_peer_conn_utp_end(struct dg_utp_sock *s, int err);
+
+/* The transport, and whether its path was opened by hole punching. */
+enum dg_peer_transport dg_peer_conn_transport(const struct dg_peer_conn *c);
+int dg_peer_conn_punched(const struct dg_peer_conn *c);
+
 /* Queues @p len bytes (copied). Writing is asynchronous; a failed write closes the
  * connection. @return 0 or -ENOMEM (the connection is then closed). No-op once closing. */
 int dg_peer_conn_send(struct dg_peer_conn *c, const void *buf, size_t len);
@@ -83,7 +130,8 @@ void dg_peer_conn_set_data(struct dg_peer_conn *c, void *data);
 /* The remote address. */
 const struct sockaddr_storage *dg_peer_conn_addr(const struct dg_peer_conn *c);
 
-/* 1 for a connection we opened, 0 for an accepted one. */
+/* 1 for a connection we opened (or a relayed one where we speak first), 0 for an accepted one
+ * (or a relayed one where we answer). */
 int dg_peer_conn_outgoing(const struct dg_peer_conn *c);
 
 /* Bytes received and sent on this connection so far (handshake and framing included). */

@@ -87,6 +87,40 @@ char *dg_status_to_json(const struct dg_status *s)
             add_u64(d, "udp", n->portmap_udp);
             cJSON_AddStringToObject(d, "error", n->portmap_error);
         }
+        if (!n->has_nat) {
+            cJSON_AddNullToObject(o, "nat");
+        } else if ((d = cJSON_AddObjectToObject(o, "nat"))) {
+            cJSON *x;
+            cJSON_AddStringToObject(d, "class", n->nat_class);
+            cJSON_AddStringToObject(d, "reason", n->nat_reason);
+            add_u64(d, "observers", n->nat_observers);
+            add_u64(d, "ports", n->nat_ports);
+            if (n->nat_address[0])
+                cJSON_AddStringToObject(d, "address", n->nat_address);
+            else
+                cJSON_AddNullToObject(d, "address");
+            if ((x = cJSON_AddObjectToObject(d, "utp"))) {
+                add_u64(x, "connections", n->utp_connections);
+                add_u64(x, "retransmits", n->utp_retransmits);
+                add_u64(x, "malformed", n->utp_malformed);
+            }
+            if ((x = cJSON_AddObjectToObject(d, "holepunch"))) {
+                add_u64(x, "asked", n->hp_connects);
+                add_u64(x, "punched", n->hp_punched);
+                add_u64(x, "relayed", n->hp_relayed);
+                add_u64(x, "failed", n->hp_failed);
+                add_u64(x, "forwarded", n->hp_forwarded);
+                add_u64(x, "answered", n->hp_answered);
+            }
+            if (!n->relay_on) {
+                cJSON_AddNullToObject(d, "relay");
+            } else if ((x = cJSON_AddObjectToObject(d, "relay"))) {
+                add_u64(x, "port", n->relay_port);
+                add_u64(x, "streams", n->relay_streams);
+                add_u64(x, "streams_total", n->relay_streams_total);
+                add_u64(x, "bytes", n->relay_bytes);
+            }
+        }
     }
     if ((open = cJSON_AddArrayToObject(root, "swarms"))) {
         for (size_t i = 0; i < s->swarm_count; i++) {
@@ -101,6 +135,13 @@ char *dg_status_to_json(const struct dg_status *s)
             add_u64(e, "blocks_held", w->blocks_held);
             add_u64(e, "blocks_total", w->blocks_total);
             add_u64(e, "peers", w->peers);
+            cJSON *via = cJSON_AddObjectToObject(e, "peers_by");
+            if (via) {
+                add_u64(via, "tcp", w->peers_tcp);
+                add_u64(via, "utp", w->peers_utp);
+                add_u64(via, "punched", w->peers_punched);
+                add_u64(via, "relayed", w->peers_relayed);
+            }
             add_u64(e, "bytes_in", w->bytes_in);
             add_u64(e, "bytes_out", w->bytes_out);
             cJSON_AddItemToArray(open, e);

@@ -25,6 +25,7 @@ struct dg_status_swarm {
     uint64_t blocks_held;
     uint64_t blocks_total;
     uint64_t peers;
+    uint64_t peers_tcp, peers_utp, peers_relayed, peers_punched; /* by how they connected */
     uint64_t bytes_in, bytes_out;
 };
 
@@ -49,6 +50,16 @@ struct dg_status_network {
     char portmap_ip[64];     /* the router's public address, "" when unknown */
     unsigned portmap_tcp, portmap_udp;
     char portmap_error[160];
+    int has_nat;         /* the fields below are filled */
+    char nat_class[16];  /* "unknown", "none", "easy", "hard" (engine/holepunch.h) */
+    char nat_reason[64]; /* how it was decided */
+    uint64_t nat_observers, nat_ports;
+    char nat_address[64]; /* our address as most observers see it, or "" */
+    uint64_t utp_connections, utp_retransmits, utp_malformed;
+    uint64_t hp_connects, hp_punched, hp_relayed, hp_failed, hp_forwarded, hp_answered;
+    int relay_on;
+    unsigned relay_port;
+    uint64_t relay_streams, relay_streams_total, relay_bytes;
 };
 
 struct dg_status {

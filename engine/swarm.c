@@ -12,6 +12,7 @@
 #include "engine/merkle.h"
 #include "engine/peer_conn.h"
 #include "engine/peer_msg.h"
+#include "engine/relay.h"
 #include "engine/root_name.h"
 
 #define TICK_MS 500u
@@ -40,6 +41,7 @@
 #define ANNOUNCE_RETRY_MS 2000u /* an announce the DHT could not start yet */
 #define ANNOUNCE_THIN_MS 60000u /* an announce made while the table was thin */
 #define CANCELLED_RING 64
+#define TRAVERSE_AFTER_MS 1500u /* a direct connection not up by then: try NAT traversal */
 
 /* Metadata stages of a swarm whose root the cache does not know. */
 enum meta_stage {
@@ -67,6 +69,8 @@ struct peer {
     struct dg_peer_conn *conn;
     struct peer *next;
     struct sockaddr_storage listen; /* where it accepts connections (port from hello), or 0 */
+    struct sockaddr_storage cand;   /* the candidate this connection was made for, or 0 */
+    int traversed;                  /* made by hole punching or through a relay */
     uint8_t node_id[20];
     int opened; /* our hello went out: other messages may follow */
     int got_hello;
@@ -107,11 +111,24 @@ struct lookup {
     struct lookup *next;
 };
 
+/* NAT traversal of a candidate (engine/holepunch.h), tried when a direct connection is not
+ * up after TRAVERSE_AFTER_MS and the candidate came with a rendezvous. */
+enum traverse_state {
+    TRAVERSE_NONE = 0,
+    TRAVERSE_PUNCH,  /* hole punching asked of the rendezvous */
+    TRAVERSE_RELAY,  /* a relay asked of the rendezvous */
+    TRAVERSE_DONE,   /* a connection made by traversal is attached */
+    TRAVERSE_FAILED, /* nothing worked; tried again with the next direct attempt */
+};
+
 struct candidate {
     struct sockaddr_storage addr;
-    uint64_t next_try; /* 0: never tried */
+    struct sockaddr_storage via; /* the DHT node that gave it (its rendezvous), or family 0 */
+    uint64_t next_try;           /* 0: never tried */
+    uint64_t tried_at;           /* when the last direct attempt started */
     unsigned failures;
     int connected;
+    int traverse; /* enum traverse_state */
 };
 
 /* The leaf hashes of one piece of more than 2048 blocks (files over 32 GiB): asked of one peer
@@ -208,6 +225,7 @@ static const struct dg_peer_conn_ops peer_ops;
 static void drop_peer(struct peer *p);
 static void swarm_dirty(struct swarm *sw);
 static void big_reset(struct swarm *sw);
+static void start_traverse(struct swarm *sw, struct candidate *cand, int relay);
 
 static int bit_get(const uint8_t *bits, uint64_t i)
 {
@@ -255,6 +273,11 @@ static int same_ip(const struct sockaddr_storage *a, const struct sockaddr_stora
 static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 {
     return same_ip(a, b) && addr_port(a) == addr_port(b);
+}
+
+static size_t sockaddr_len(const struct sockaddr *a)
+{
+    return a->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 }
 
 /* Bans are per address; on loopback, where every node shares an address, per address and
@@ -577,7 +600,8 @@ static void finish_lookups(struct swarm *sw, int status)
     }
 }
 
-static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a)
+static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a,
+                          const struct sockaddr *via)
 {
     struct dg_swarms *s = sw->s;
 
@@ -585,9 +609,13 @@ static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a)
         return;
     if (is_loopback(a) && addr_port(a) == s->port)
         return; /* ourselves */
-    for (size_t i = 0; i < sw->ncands; i++)
-        if (same_addr(&sw->cands[i].addr, a))
+    for (size_t i = 0; i < sw->ncands; i++) {
+        if (same_addr(&sw->cands[i].addr, a)) {
+            if (via && !sw->cands[i].via.ss_family)
+                memcpy(&sw->cands[i].via, via, sockaddr_len(via));
             return;
+        }
+    }
     if (sw->ncands == MAX_CANDIDATES) {
         /* Forget the one that failed most. */
         size_t worst = 0;
@@ -599,6 +627,8 @@ static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a)
         sw->cands[worst] = sw->cands[--sw->ncands];
     }
     memset(&sw->cands[sw->ncands], 0, sizeof(sw->cands[0]));
+    if (via)
+        memcpy(&sw->cands[sw->ncands].via, via, sockaddr_len(via));
     sw->cands[sw->ncands++].addr = *a;
     swarm_dirty(sw);
 }
@@ -637,7 +667,7 @@ static struct swarm *swarm_new(struct dg_swarms *s, const uint8_t root[32])
         sw->pinned = (info.flags & DG_ROOT_PINNED) != 0;
     }
     for (size_t i = 0; i < s->nstatics; i++)
-        add_candidate(sw, &s->statics[i]);
+        add_candidate(sw, &s->statics[i], NULL);
     sw->next = s->swarms;
     s->swarms = sw;
     s->stats.swarms++;
@@ -1396,7 +1426,7 @@ static void on_pex(struct peer *p, const struct dg_peer_msg *m)
         a4->sin_family = AF_INET;
         memcpy(&a4->sin_addr, pex.added + 6 * i, 4);
         memcpy(&a4->sin_port, pex.added + 6 * i + 4, 2);
-        add_candidate(p->sw, &a);
+        add_candidate(p->sw, &a, NULL);
     }
     for (size_t i = 0; pex.added6 && i < pex.added6_n; i++) {
         struct sockaddr_storage a = {0};
@@ -1404,7 +1434,7 @@ static void on_pex(struct peer *p, const struct dg_peer_msg *m)
         a6->sin6_family = AF_INET6;
         memcpy(&a6->sin6_addr, pex.added6 + 18 * i, 16);
         memcpy(&a6->sin6_port, pex.added6 + 18 * i + 16, 2);
-        add_candidate(p->sw, &a);
+        add_candidate(p->sw, &a, NULL);
     }
 }
 
@@ -1827,6 +1857,9 @@ static int on_handshake(struct dg_peer_conn *c, const struct dg_peer_handshake *
         /* Ours: the answer must name our swarm. */
         if (memcmp(hs->swarm_key, p->sw->root, 20) != 0)
             return DG_PEER_CLOSE_HANDSHAKE;
+        for (struct peer *q = p->sw->peers; q; q = q->next)
+            if (q != p && q->got_hello && memcmp(q->node_id, hs->node_id, 20) == 0)
+                return DG_PEER_CLOSE_HANDSHAKE; /* connected already, another way */
         memcpy(p->node_id, hs->node_id, 20);
         send_opening(p);
         return 0;
@@ -1943,10 +1976,17 @@ static void on_close(struct dg_peer_conn *c, enum dg_peer_close_reason reason)
         return;
     }
     struct swarm *sw = p->sw;
-    if (dg_peer_conn_outgoing(c)) {
+    if (p->traversed) {
+        struct candidate *cand = p->cand.ss_family ? candidate_of(sw, &p->cand) : NULL;
+        if (cand && cand->traverse == TRAVERSE_DONE) {
+            cand->traverse = TRAVERSE_NONE;
+            cand->connected = 0;
+            cand->next_try = now_ms(s) + 5000;
+        }
+    } else if (dg_peer_conn_outgoing(c)) {
         struct candidate *cand = candidate_of(sw, dg_peer_conn_addr(c));
         if (cand) {
-            cand->connected = 0;
+            cand->connected = cand->traverse == TRAVERSE_DONE;
             if (reason == DG_PEER_CLOSE_CONNECT || !p->got_hello) {
                 cand->failures++;
                 cand->next_try =
@@ -1955,6 +1995,8 @@ static void on_close(struct dg_peer_conn *c, enum dg_peer_close_reason reason)
                 cand->failures = 0;
                 cand->next_try = now_ms(s) + 5000;
             }
+            if (reason == DG_PEER_CLOSE_CONNECT && !s->stopping)
+                start_traverse(sw, cand, 0);
         }
     } else if (p->listen.ss_family) {
         struct candidate *cand = candidate_of(sw, &p->listen);
@@ -1967,6 +2009,193 @@ static void on_close(struct dg_peer_conn *c, enum dg_peer_close_reason reason)
     drop_peer(p);
     if (sw->npeers == 0 && !sw->known && !s->stopping)
         maybe_dht(sw, 1);
+}
+
+/* ------------------------------------------------------------ NAT traversal */
+
+/* Asks the engine to reach @p cand through its rendezvous: hole punching, or (@p relay) a
+ * relay. Only for candidates that came with a rendezvous, one traversal at a time. */
+static void start_traverse(struct swarm *sw, struct candidate *cand, int relay)
+{
+    struct dg_swarms *s = sw->s;
+
+    if (!cand->via.ss_family || !s->cfg.host.traverse)
+        return;
+    if (cand->traverse == TRAVERSE_DONE ||
+        (!relay && cand->traverse != TRAVERSE_NONE && cand->traverse != TRAVERSE_FAILED))
+        return;
+    if (s->cfg.host.traverse(s->cfg.host.arg, sw->root, (const struct sockaddr *)&cand->addr,
+                             (const struct sockaddr *)&cand->via, relay) < 0) {
+        cand->traverse = TRAVERSE_FAILED;
+        return;
+    }
+    cand->traverse = relay ? TRAVERSE_RELAY : TRAVERSE_PUNCH;
+    s->stats.traversals++;
+}
+
+/* Whether a connection to @p cand got past the hello. */
+static int cand_connected(const struct swarm *sw, const struct candidate *cand)
+{
+    for (const struct peer *p = sw->peers; p; p = p->next)
+        if (p->got_hello && ((p->cand.ss_family && same_addr(&p->cand, &cand->addr)) ||
+                             (p->listen.ss_family && same_addr(&p->listen, &cand->addr))))
+            return 1;
+    return 0;
+}
+
+/* Direct attempts that are slow to come up are joined by a traversal. */
+static void traverse_slow(struct swarm *sw, uint64_t now)
+{
+    for (size_t i = 0; i < sw->ncands; i++) {
+        struct candidate *cand = &sw->cands[i];
+        if (cand->connected && cand->traverse == TRAVERSE_NONE && cand->via.ss_family &&
+            now - cand->tried_at >= TRAVERSE_AFTER_MS && !cand_connected(sw, cand))
+            start_traverse(sw, cand, 0);
+    }
+}
+
+/* The traversing candidate of @p sw that @p peer (an address the traversal produced) stands
+ * for: the one with @p target's address, else one with the same IP. */
+static struct candidate *traversing(struct swarm *sw, const struct sockaddr *target,
+                                    const struct sockaddr *peer, int state)
+{
+    struct sockaddr_storage t = {0}, a = {0};
+
+    if (target)
+        memcpy(&t, target, sockaddr_len(target));
+    memcpy(&a, peer, sockaddr_len(peer));
+    for (size_t i = 0; i < sw->ncands; i++)
+        if (sw->cands[i].traverse == state && target && same_addr(&sw->cands[i].addr, &t))
+            return &sw->cands[i];
+    for (size_t i = 0; i < sw->ncands; i++)
+        if (sw->cands[i].traverse == state && same_ip(&sw->cands[i].addr, &a))
+            return &sw->cands[i];
+    return NULL;
+}
+
+/* Attaches an outgoing connection made by traversal for @p cand and sends our handshake. */
+static void attach_traversed(struct swarm *sw, struct candidate *cand, struct dg_peer_conn *c)
+{
+    uint8_t hs[DG_PEER_HANDSHAKE_LEN];
+
+    if (attach(sw, c) < 0) {
+        dg_peer_conn_close(c, DG_PEER_CLOSE_LOCAL);
+        if (cand)
+            cand->traverse = TRAVERSE_FAILED;
+        return;
+    }
+    struct peer *p = dg_peer_conn_data(c);
+    p->traversed = 1;
+    if (cand) {
+        p->cand = cand->addr;
+        cand->traverse = TRAVERSE_DONE;
+        cand->connected = 1;
+    }
+    dg_peer_handshake_encode(sw->root, sw->s->cfg.node_id, hs);
+    dg_peer_conn_send(c, hs, sizeof(hs));
+}
+
+void dg_swarms_punched(struct dg_swarms *s, const uint8_t key[20], const struct sockaddr *target,
+                       int path, const struct sockaddr *peer)
+{
+    struct swarm *sw = find_swarm(s, key, 20);
+    struct dg_peer_conn *c;
+
+    if (!sw || s->stopping || !s->cfg.utp)
+        return;
+    struct candidate *cand = traversing(sw, target, peer, TRAVERSE_PUNCH);
+    if (sw->npeers >= DG_SWARM_MAX_PEERS || s->stats.peers >= MAX_TOTAL_PEERS ||
+        dg_peer_conn_connect_utp(s->loop, s->cfg.utp, path, peer, 1, &peer_ops, s, &c) < 0) {
+        if (cand)
+            cand->traverse = TRAVERSE_FAILED;
+        return;
+    }
+    attach_traversed(sw, cand, c);
+}
+
+void dg_swarms_relayed(struct dg_swarms *s, const uint8_t key[20], int initiator,
+                       const struct sockaddr *peer, const struct sockaddr *relay,
+                       const uint8_t nonce[DG_RELAY_NONCE_LEN])
+{
+    uint8_t pre[DG_RELAY_PREAMBLE_LEN];
+    struct dg_peer_conn *c;
+    struct pending *pd;
+
+    if (s->stopping)
+        return;
+    dg_relay_preamble(initiator ? DG_RELAY_ROLE_INITIATOR : DG_RELAY_ROLE_RESPONDER, nonce, pre);
+    if (initiator) {
+        struct swarm *sw = find_swarm(s, key, 20);
+        if (!sw)
+            return;
+        struct candidate *cand = traversing(sw, NULL, peer, TRAVERSE_RELAY);
+        if (sw->npeers >= DG_SWARM_MAX_PEERS || s->stats.peers >= MAX_TOTAL_PEERS ||
+            dg_peer_conn_connect_relay(s->loop, relay, peer, 1, pre, sizeof(pre), &peer_ops, s,
+                                       &c) < 0) {
+            if (cand)
+                cand->traverse = TRAVERSE_FAILED;
+            return;
+        }
+        attach_traversed(sw, cand, c);
+        return;
+    }
+    /* The responder answers the initiator's handshake, as on an accepted connection. */
+    if (s->npending >= MAX_ACCEPTING || !(pd = calloc(1, sizeof(*pd))))
+        return;
+    if (dg_peer_conn_connect_relay(s->loop, relay, peer, 0, pre, sizeof(pre), &peer_ops, s, &c) <
+        0) {
+        free(pd);
+        return;
+    }
+    pd->conn = c;
+    pd->next = s->pending;
+    s->pending = pd;
+    s->npending++;
+}
+
+void dg_swarms_traverse_failed(struct dg_swarms *s, const uint8_t key[20],
+                               const struct sockaddr *target, int try_relay)
+{
+    struct swarm *sw = find_swarm(s, key, 20);
+    struct candidate *cand;
+
+    if (!sw)
+        return;
+    cand = traversing(sw, target, target, TRAVERSE_PUNCH);
+    if (cand && try_relay && !s->stopping) {
+        cand->traverse = TRAVERSE_NONE;
+        start_traverse(sw, cand, 1);
+        return;
+    }
+    if (!cand)
+        cand = traversing(sw, target, target, TRAVERSE_RELAY);
+    if (cand)
+        cand->traverse = TRAVERSE_FAILED;
+}
+
+int dg_swarms_accept_utp(struct dg_swarms *s, struct dg_utp_sock *sock, int punched)
+{
+    struct dg_peer_conn *c;
+    struct pending *pd;
+
+    if (s->stopping || s->npending >= MAX_ACCEPTING)
+        return -EBUSY;
+    if (!(pd = calloc(1, sizeof(*pd))))
+        return -ENOMEM;
+    if (dg_peer_conn_accept_utp(s->loop, sock, punched, &peer_ops, s, &c) < 0) {
+        free(pd);
+        return -ENOMEM;
+    }
+    if (is_banned(s, dg_peer_conn_addr(c))) {
+        free(pd);
+        dg_peer_conn_close(c, DG_PEER_CLOSE_LOCAL);
+        return 0; /* the connection is closed; the socket is the connection's to end */
+    }
+    pd->conn = c;
+    pd->next = s->pending;
+    s->pending = pd;
+    s->npending++;
+    return 0;
 }
 
 static const struct dg_peer_conn_ops peer_ops = {
@@ -1983,13 +2212,21 @@ static void connect_candidate(struct swarm *sw, struct candidate *cand)
     struct dg_peer_conn *c;
     uint8_t hs[DG_PEER_HANDSHAKE_LEN];
 
-    if (dg_peer_conn_connect(s->loop, (const struct sockaddr *)&cand->addr, &peer_ops, s, &c) < 0) {
+    int rc =
+        s->cfg.prefer_utp && s->cfg.utp
+            ? dg_peer_conn_connect_utp(s->loop, s->cfg.utp, 0, (const struct sockaddr *)&cand->addr,
+                                       0, &peer_ops, s, &c)
+            : dg_peer_conn_connect(s->loop, (const struct sockaddr *)&cand->addr, &peer_ops, s, &c);
+    if (rc < 0) {
         cand->failures++;
         cand->next_try = now_ms(s) + 30000;
         return;
     }
     cand->connected = 1;
+    cand->tried_at = now_ms(s);
     cand->next_try = now_ms(s) + 5000;
+    if (cand->traverse == TRAVERSE_FAILED)
+        cand->traverse = TRAVERSE_NONE;
     if (attach(sw, c) < 0) {
         dg_peer_conn_close(c, DG_PEER_CLOSE_LOCAL);
         return;
@@ -2020,7 +2257,8 @@ static void connect_more(struct swarm *sw, uint64_t now)
          i++) {
         struct candidate *cand = &sw->cands[i];
         if (cand->connected || (cand->next_try && now < cand->next_try) ||
-            is_banned(sw->s, &cand->addr))
+            is_banned(sw->s, &cand->addr) || cand->traverse == TRAVERSE_PUNCH ||
+            cand->traverse == TRAVERSE_RELAY || cand->traverse == TRAVERSE_DONE)
             continue;
         int dup = 0;
         for (struct peer *p = sw->peers; p && !dup; p = p->next)
@@ -2133,6 +2371,8 @@ static void on_tick(uv_timer_t *t)
     for (; sw; sw = next) {
         next = sw->next;
         expire(sw, now);
+        if (swarm_wanted(sw))
+            traverse_slow(sw, now);
         if (sw->known && sw->content == NULL)
             s->cfg.host.open(s->cfg.host.arg, sw->root, &sw->content);
         if (now >= sw->next_choke) {
@@ -2392,7 +2632,7 @@ void dg_swarms_block_stored(struct dg_swarms *s, const uint8_t root[32], uint64_
 }
 
 void dg_swarms_found(struct dg_swarms *s, const uint8_t key[20], const struct dg_dht_compact *peers,
-                     size_t n)
+                     size_t n, const struct sockaddr *via)
 {
     struct swarm *sw = find_swarm(s, key, 20);
 
@@ -2413,7 +2653,7 @@ void dg_swarms_found(struct dg_swarms *s, const uint8_t key[20], const struct dg
         } else {
             continue;
         }
-        add_candidate(sw, &a);
+        add_candidate(sw, &a, via);
     }
     connect_more(sw, now_ms(s));
 }
@@ -2499,6 +2739,22 @@ size_t dg_swarms_list(const struct dg_swarms *s, struct dg_swarm_info *out, size
         out[n].peers = sw->npeers;
         out[n].bytes_in = sw->bytes_in;
         out[n].bytes_out = sw->bytes_out;
+        for (const struct peer *p = sw->peers; p; p = p->next) {
+            if (!p->got_hello)
+                continue;
+            switch (dg_peer_conn_transport(p->conn)) {
+            case DG_PEER_TRANSPORT_TCP:
+                out[n].peers_tcp++;
+                break;
+            case DG_PEER_TRANSPORT_UTP:
+                out[n].peers_utp++;
+                break;
+            case DG_PEER_TRANSPORT_RELAY:
+                out[n].peers_relayed++;
+                break;
+            }
+            out[n].peers_punched += dg_peer_conn_punched(p->conn) != 0;
+        }
     }
     return n;
 }

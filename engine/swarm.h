@@ -30,6 +30,8 @@
 #include "engine/piece_cache.h"
 
 struct dg_content;
+struct dg_utp;
+struct dg_utp_sock;
 struct dg_swarms; /* opaque */
 
 #define DG_SWARM_MAX_PEERS 50     /* connected peers per swarm */
@@ -67,6 +69,12 @@ struct dg_swarm_host {
     int (*dht_lookup)(void *arg, const uint8_t key[20], uint16_t announce_port);
     /* Asks the local network for @p key (LAN discovery; it rate-limits itself). NULL: none. */
     void (*lan_search)(void *arg, const uint8_t key[20]);
+    /* Asks rendezvous @p via to bring @p target (a peer of @p key it gave us) to us: hole
+     * punching, or with @p relay a relayed stream (engine/holepunch.h). The engine answers with
+     * dg_swarms_punched(), dg_swarms_relayed() or dg_swarms_traverse_failed().
+     * @return 0, or -errno if it cannot be tried. NULL: no NAT traversal. */
+    int (*traverse)(void *arg, const uint8_t key[20], const struct sockaddr *target,
+                    const struct sockaddr *via, int relay);
 };
 
 struct dg_swarms_config {
@@ -78,6 +86,8 @@ struct dg_swarms_config {
     const char *peers;          /* "HOST:PORT[+HOST:PORT...]" added to every swarm, or NULL */
     uint32_t lookup_timeout_ms; /* a lookup of an unknown root fails after this */
     int announce_complete;      /* announce a root once the cache holds all of it */
+    struct dg_utp *utp;         /* uTP on the node's UDP port (punched paths), or NULL */
+    int prefer_utp;             /* direct connections over uTP instead of TCP */
 };
 
 struct dg_swarm_stats {
@@ -90,6 +100,7 @@ struct dg_swarm_stats {
     uint64_t banned;     /* addresses banned this session */
     uint64_t malformed;  /* connections closed for malformed or rule-breaking messages */
     uint64_t announces;  /* announces started */
+    uint64_t traversals; /* NAT traversals asked of a rendezvous (punch or relay) */
 };
 
 /* One swarm's numbers, for `digfs status`. */
@@ -99,6 +110,9 @@ struct dg_swarm_info {
     int known;       /* the metadata is verified */
     uint64_t blocks_total, blocks_held;
     uint64_t peers;
+    /* Peers past the hello by transport (direct TCP, uTP, relayed), and how many of the uTP
+     * ones came through a punched hole. */
+    uint64_t peers_tcp, peers_utp, peers_relayed, peers_punched;
     uint64_t bytes_in, bytes_out;
 };
 
@@ -140,9 +154,32 @@ void dg_swarms_set_pinned(struct dg_swarms *s, const uint8_t root[32], int pinne
 /* Blocks of @p root were stored from outside the swarm (dg_engine_put_block). */
 void dg_swarms_block_stored(struct dg_swarms *s, const uint8_t root[32], uint64_t block);
 
-/* Peers the DHT found for @p key (compact IPv4/IPv6 addresses). */
+/* Peers the DHT found for @p key (compact IPv4/IPv6 addresses). @p via: the DHT node that
+ * returned them (their rendezvous for NAT traversal), or NULL. */
 void dg_swarms_found(struct dg_swarms *s, const uint8_t key[20], const struct dg_dht_compact *peers,
-                     size_t n);
+                     size_t n, const struct sockaddr *via);
+
+/* NAT traversal results (see host.traverse). A hole to @p peer (the address the punch came
+ * from) is open on UDP path @p path, for the candidate @p target (may be NULL: matched by IP):
+ * a uTP connection is opened there. */
+void dg_swarms_punched(struct dg_swarms *s, const uint8_t key[20], const struct sockaddr *target,
+                       int path, const struct sockaddr *peer);
+
+/* A relay is ready at @p relay for session @p nonce: connect there. @p initiator 1: we asked
+ * (for the candidate at @p peer's IP); 0: the other end asked for us, and @p peer is its
+ * address as the rendezvous saw it. */
+void dg_swarms_relayed(struct dg_swarms *s, const uint8_t key[20], int initiator,
+                       const struct sockaddr *peer, const struct sockaddr *relay,
+                       const uint8_t nonce[16]);
+
+/* The traversal of @p target failed; @p try_relay: punching cannot work or did not, so a
+ * relay is asked for next. */
+void dg_swarms_traverse_failed(struct dg_swarms *s, const uint8_t key[20],
+                               const struct sockaddr *target, int try_relay);
+
+/* A uTP connection the uTP module accepted (@p punched: on a hole-punching path). @return 0
+ * (the connection owns the socket now), or -errno (the caller refuses the socket). */
+int dg_swarms_accept_utp(struct dg_swarms *s, struct dg_utp_sock *sock, int punched);
 
 /* Announces @p root on the DHT now and every DG_SWARM_REANNOUNCE_MS (a root we hold
  * completely), or stops announcing it (@p on 0). */

@@ -35,6 +35,10 @@ static int run_mount(struct dg_options *o, int report_fd)
         .lan_discovery = o->lsd,
         .upnp = o->upnp,
         .natpmp = o->natpmp,
+        .holepunch = o->holepunch,
+        .relay = o->relay,
+        .prefer_utp = o->prefer_utp,
+        .relay_rate = o->relay_rate,
     };
     struct dg_engine *engine = NULL;
     struct dg_fs *fs = NULL;

@@ -153,7 +153,8 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
 #define IS(name) (klen == sizeof(name) - 1 && memcmp(opt, name, klen) == 0)
     if (IS("data_dir") || IS("cache_dir") || IS("cache_size") || IS("read_timeout") ||
         IS("log_level") || IS("port") || IS("bootstrap") || IS("peers") || IS("lookup_timeout") ||
-        IS("announce_cached") || IS("lsd") || IS("upnp") || IS("natpmp")) {
+        IS("announce_cached") || IS("lsd") || IS("upnp") || IS("natpmp") || IS("holepunch") ||
+        IS("relay") || IS("relay_rate") || IS("prefer_utp")) {
         if (!value) {
             snprintf(err, errlen, "option %.*s needs a value", (int)klen, opt);
             return -EINVAL;
@@ -222,8 +223,21 @@ static int apply_opt(struct dg_options *o, char *opt, char *err, size_t errlen)
         }
         return 0;
     }
-    if (IS("lsd") || IS("upnp") || IS("natpmp")) {
-        int *slot = IS("lsd") ? &o->lsd : IS("upnp") ? &o->upnp : &o->natpmp;
+    if (IS("relay_rate")) {
+        if (dg_parse_size(value, &o->relay_rate) < 0 || o->relay_rate == 0) {
+            snprintf(err, errlen, "bad relay_rate '%s' (bytes per second, K/M/G suffixes)", value);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (IS("lsd") || IS("upnp") || IS("natpmp") || IS("holepunch") || IS("relay") ||
+        IS("prefer_utp")) {
+        int *slot = IS("lsd")         ? &o->lsd
+                    : IS("upnp")      ? &o->upnp
+                    : IS("natpmp")    ? &o->natpmp
+                    : IS("holepunch") ? &o->holepunch
+                    : IS("relay")     ? &o->relay
+                                      : &o->prefer_utp;
         if (strcmp(value, "yes") == 0 || strcmp(value, "1") == 0)
             *slot = 1;
         else if (strcmp(value, "no") == 0 || strcmp(value, "0") == 0)
@@ -305,6 +319,9 @@ int dg_options_parse(int argc, char **argv, struct dg_options *o, char *err, siz
     o->lsd = 1;
     o->upnp = 1;
     o->natpmp = 1;
+    o->holepunch = 1;
+    o->relay = 1;
+    o->relay_rate = DG_DEFAULT_RELAY_RATE;
     o->log_level = DG_LOG_INFO;
     err[0] = '\0';
     for (int i = 1; i < argc && rc == 0; i++) {
@@ -411,6 +428,11 @@ void dg_options_usage(FILE *f, const char *prog)
             "  -o lsd=no              no LAN discovery (BEP 14 multicast on the local network)\n"
             "  -o upnp=no             no port mapping on the router with UPnP IGD\n"
             "  -o natpmp=no           no port mapping on the router with NAT-PMP\n"
+            "  -o holepunch=no        no NAT traversal by hole punching (nor relays)\n"
+            "  -o relay=no            do not relay streams for peers that cannot reach\n"
+            "                         each other\n"
+            "  -o relay_rate=RATE     bytes per second per relayed stream (default 4M)\n"
+            "  -o prefer_utp=yes      connect to peers over uTP (UDP) instead of TCP\n"
             "  -o offline             no network: serve what this machine holds\n"
             "  -o log_level=LEVEL     error, warn, info (default) or debug\n"
             "  -o FUSE_OPTION         any libfuse mount option, e.g. allow_other\n"

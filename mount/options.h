@@ -15,6 +15,7 @@
 #define DG_DEFAULT_CACHE_SIZE (10ull << 30)
 #define DG_DEFAULT_READ_TIMEOUT_MS 60000u
 #define DG_DEFAULT_LOOKUP_TIMEOUT_MS 15000u
+#define DG_DEFAULT_RELAY_RATE (4ull << 20) /* bytes/s per relayed stream and direction */
 
 struct dg_options {
     char *mountpoint;    /* as given (made absolute later, after stale-mount recovery) */
@@ -31,6 +32,10 @@ struct dg_options {
     int lsd;             /* LAN discovery (default 1) */
     int upnp;            /* UPnP IGD port mapping (default 1) */
     int natpmp;          /* NAT-PMP port mapping (default 1) */
+    int holepunch;       /* NAT traversal by hole punching, through rendezvous (default 1) */
+    int relay;           /* relay streams for peers that cannot reach each other (default 1) */
+    int prefer_utp;      /* direct connections over uTP instead of TCP (default 0) */
+    uint64_t relay_rate; /* bytes per second per relayed stream and direction */
     int log_level;       /* enum dg_log_level */
     int foreground;
     int debug;         /* -d: libfuse debug output, implies foreground */

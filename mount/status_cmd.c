@@ -117,6 +117,22 @@ static void render(const cJSON *s, const char *mnt)
                str(pm, "external_ip"), num(pm, "tcp"), num(pm, "udp"));
     else
         printf("  router   no mapping (%s)\n", str(pm, "error"));
+    const cJSON *nat = cJSON_GetObjectItemCaseSensitive(net, "nat");
+    if (cJSON_IsObject(nat)) {
+        const cJSON *hp = cJSON_GetObjectItemCaseSensitive(nat, "holepunch");
+        const cJSON *relay = cJSON_GetObjectItemCaseSensitive(nat, "relay");
+        printf("  nat      %s (%s; %.0f observers)\n", str(nat, "class"), str(nat, "reason"),
+               num(nat, "observers"));
+        printf("  punch    %.0f asked, %.0f punched, %.0f relayed, %.0f failed; "
+               "%.0f forwarded for others\n",
+               num(hp, "asked"), num(hp, "punched"), num(hp, "relayed"), num(hp, "failed"),
+               num(hp, "forwarded"));
+        if (cJSON_IsObject(relay))
+            printf("  relay    port %.0f, %.0f streams now, %.0f in all\n", num(relay, "port"),
+                   num(relay, "streams"), num(relay, "streams_total"));
+        else
+            printf("  relay    off\n");
+    }
     cJSON_ArrayForEach(item, cJSON_GetObjectItemCaseSensitive(s, "swarms"))
     {
         if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "known"))) {
@@ -126,8 +142,11 @@ static void render(const cJSON *s, const char *mnt)
         }
         human_size(num(item, "length"), a, sizeof(a));
         bar(num(item, "blocks_held"), num(item, "blocks_total"), gauge);
-        printf("  swarm    %.12s…  %10s  %s  %.0f peer(s)\n", str(item, "root"), a, gauge,
-               num(item, "peers"));
+        const cJSON *by = cJSON_GetObjectItemCaseSensitive(item, "peers_by");
+        printf("  swarm    %.12s…  %10s  %s  %.0f peer(s) (tcp %.0f, utp %.0f of which "
+               "punched %.0f, relayed %.0f)\n",
+               str(item, "root"), a, gauge, num(item, "peers"), num(by, "tcp"), num(by, "utp"),
+               num(by, "punched"), num(by, "relayed"));
     }
 }
 

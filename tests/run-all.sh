@@ -24,7 +24,7 @@ repo=$(pwd)
 packages=(build-essential cmake pkg-config libfuse3-dev fuse3 libuv1-dev libssl-dev liblmdb-dev libcjson-dev
           libcmocka-dev python3 python3-libtorrent attr clang libclang-rt-14-dev clang-format
           iproute2 iptables libminiupnpc-dev libnatpmp-dev miniupnpd-nftables miniupnpc natpmpc
-          nftables)
+          nftables conntrack)
 
 say() { printf '==> %s\n' "$*"; }
 

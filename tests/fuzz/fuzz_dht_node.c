@@ -132,7 +132,8 @@ static int fuzz_send(void *arg, const struct sockaddr *to, socklen_t tolen, cons
     return 0;
 }
 
-static void on_peers(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n, int done)
+static void on_peers(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n,
+                     const struct sockaddr *from, int done)
 {
     struct ctx *c = arg;
     int i;

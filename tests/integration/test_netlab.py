@@ -1,14 +1,16 @@
 """The network lab (tests/netlab/netlab.py, issue 4): the lab itself behaves like the internet
 it models (public hosts, easy and hard NATs, two hosts behind one NAT, nothing reaching out),
+its knobs work (netem loss and delay on a link, a router's conntrack UDP timeouts and flush),
 and digfs runs in it: a host behind an easy NAT reads, by hash, a file shared by a public host.
 
 Needs root, iproute2, nsenter and iptables; skipped (exit 77) where `ip netns` cannot be used.
+The conntrack tests need the conntrack tool (installed with apt-get when missing and possible,
+else skipped); the netem tests skip where neither tc's netem nor NFQUEUE works.
 Every lab namespace is created by this test (from inside run-all.sh's loopback-only namespace
 too) and removed at the end of each test, on failure and on signals; see tests/netlab/README.md.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +37,19 @@ def lab():
     if _reason[0]:
         raise T.SkipTest(_reason[0])
     return netlab.Lab()
+
+
+def need(*features):
+    """Installs what the lab's @features need (when possible), else SkipTest."""
+    why = netlab.ensure_packages(*features) or netlab.unusable_reason(*features)
+    if why:
+        raise T.SkipTest(why)
+
+
+def need_netem():
+    why = netlab.netem_unusable_reason()
+    if why:
+        raise T.SkipTest(f"netem cannot work here: {why}")
 
 
 def udp_seen(lab_, host, local_port, *servers, timeout=3):
@@ -219,6 +234,7 @@ def test_nothing_leaves_the_lab():
             for name, kind in _links(L.cmd(h, [])):
                 check(name == "lo" or kind == "ether",
                       f"{h.name}: unexpected interface {name} ({kind})")
+        L.check_isolation()
         # inside the lab, every public address is reachable from everywhere
         check(L.ping(e, p.addr) and L.ping(p, e.public_addr), "the lab itself works")
         names = L.namespaces()
@@ -227,6 +243,185 @@ def test_nothing_leaves_the_lab():
     left = [n for n in netlab.lab_namespaces() if n in names]
     check_eq(left, [], "lab namespaces left after teardown")
     check_eq(_links([]), before, "interfaces of the test's own namespace after teardown")
+
+
+# --------------------------------------------------------------------------- the lab's knobs
+
+def rtt(lab_, host, target, count, interval_ms=20, wait=1, port=0):
+    """udp-rtt from @host to a udp-reflect at @target (ip:port): (received, sorted RTTs ms)."""
+    got = lab_.tool(host, "udp-rtt", port, target, count, interval_ms, wait, timeout=120)
+    check_eq(got["sent"], count, "datagrams udp-rtt sent")
+    return got["received"], got["rtt_ms"]
+
+
+def median(xs):
+    return xs[len(xs) // 2]
+
+
+def both_ways(lab_, a, b, count, port=7100):
+    """How many of @count datagrams (udp-send, 2 ms apart) from @a reach a listener in @b, and
+    how many from @b reach one in @a."""
+    listen = [lab_.start_tool(x, "udp-listen", port, 2 + count * 0.004) for x in (b, a)]
+    lab_.tool(a, "udp-send", 0, f"{b.addr}:{port}", count, 2)
+    lab_.tool(b, "udp-send", 0, f"{a.addr}:{port}", count, 2)
+    return tuple(len(collect(x)) for x in listen)
+
+
+def test_netem_loss():
+    """lab.netem(host, loss=30) drops about 30 % of the packets going out of a public host and
+    about 30 % of those coming in (each direction counted on its own, 200 datagrams), so
+    about half of the UDP echoes of a round trip are lost; netem_clear brings every one back.
+    Also shows no loss before netem is set."""
+    need_netem()
+    with lab() as L:
+        p1, p2 = L.public("p1"), L.public("p2")
+        L.start_tool(p2, "udp-reflect", 7)
+        got, _ = rtt(L, p1, f"{p2.addr}:7", 100, interval_ms=5, wait=0.5)
+        check_eq(got, 100, "UDP echoes p1 got back before netem")
+        backend = L.netem(p1, loss=30)
+        out, inn = both_ways(L, p1, p2, 200)
+        got, _ = rtt(L, p1, f"{p2.addr}:7", 100, interval_ms=5, wait=0.5)
+        print(f"    netem loss 30 % on p1 ({backend}): {out}/200 out, {inn}/200 in, "
+              f"{got}/100 round trips")
+        check(0 < out < 180, "about 30 % of what p1 sends is lost", out)
+        check(0 < inn < 180, "about 30 % of what p1 receives is lost", inn)
+        check(0 < got < 90, "about half of p1's round trips are lost", got)
+        L.netem_clear(p1)
+        got, _ = rtt(L, p1, f"{p2.addr}:7", 100, interval_ms=5, wait=0.5)
+        check_eq(got, 100, "UDP echoes p1 got back after netem_clear")
+        check_eq(both_ways(L, p1, p2, 200), (200, 200),
+                 "datagrams out of and into p1 after netem_clear")
+
+
+def test_netem_delay():
+    """lab.netem(x, delay_ms=D) holds back every packet in and out of x's link by D ms: a UDP
+    round trip from a host behind a router to a public host takes at least 2 × 60 ms longer
+    with the router's WAN delayed by 60 ms, at least 2 × (60 + 40) ms with the host's own
+    link delayed by 40 ms too, and is fast again after netem_clear (compared with the RTT
+    measured before, no absolute bound)."""
+    need_netem()
+    with lab() as L:
+        p = L.public("p")
+        n = L.nat_host("n", kind="easy")
+        r = n.router
+        L.start_tool(p, "udp-reflect", 7)
+        target = f"{p.addr}:7"
+        got, base = rtt(L, n, target, 20)
+        check_eq(got, 20, "UDP echoes before netem")
+        L.netem(r, delay_ms=60)
+        got, via_r = rtt(L, n, target, 20)
+        check_eq(got, 20, "UDP echoes with the router's WAN delayed")
+        L.netem(n, delay_ms=40)
+        got, via_both = rtt(L, n, target, 20)
+        check_eq(got, 20, "UDP echoes with the router's WAN and n's link delayed")
+        L.netem_clear(r)
+        L.netem_clear(n)
+        got, after = rtt(L, n, target, 20)
+        check_eq(got, 20, "UDP echoes after netem_clear")
+        print(f"    UDP RTT n -> p, median/min ms: none {median(base)}/{base[0]}, router "
+              f"+60 {median(via_r)}/{via_r[0]}, router +60 and n +40 "
+              f"{median(via_both)}/{via_both[0]}, cleared {median(after)}/{after[0]}")
+        check(via_r[0] >= 2 * 60 and median(via_r) >= median(base) + 2 * 60 * 0.9,
+              "a round trip through the router's delayed WAN is >= 2 x 60 ms longer",
+              base, via_r)
+        check(via_both[0] >= 2 * 100 and median(via_both) >= median(base) + 2 * 100 * 0.9,
+              "with n's own link delayed too, >= 2 x (60 + 40) ms longer", base, via_both)
+        check(median(after) < via_r[0], "the delay is gone after netem_clear", after, via_r)
+
+
+def _mapping(L, r, inside, port, outside, oport):
+    """The conntrack entry of @inside:@port -> @outside:@oport in router @r, or None."""
+    for e in L.conntrack_entries(r, "udp"):
+        if e.orig_src == (inside.addr, port) and e.orig_dst == (outside.addr, oport):
+            return e
+    return None
+
+
+def _opened(L, n, p, port=41000, pport=5000):
+    """n opens a mapping from its UDP port @port towards p:@pport; p answers from there
+    (3 datagrams to the mapping's public side, as conntrack_entries tells it). Returns (what n
+    received, the conntrack entry)."""
+    r = n.router
+    listen = L.start_tool(n, "udp-listen", port, 2, f"{p.addr}:{pport}")
+    entry = _mapping(L, r, n, port, p, pport)
+    if entry is None:
+        listen.kill()
+        T.fail(f"no conntrack entry for {n.addr}:{port} -> {p.addr}:{pport} in {r.name}: "
+               f"{L.conntrack_entries(r)}")
+    L.tool(p, "udp-send", pport, "%s:%d" % entry.reply_dst, 3)
+    return collect(listen), _mapping(L, r, n, port, p, pport)
+
+
+def _unsolicited(L, n, p, port=41000, pport=5000):
+    """p sends 3 datagrams from @pport to n's old mapping; n listens on @port without
+    sending anything. Returns what n received."""
+    listen = L.start_tool(n, "udp-listen", port, 2)
+    L.tool(p, "udp-send", pport, f"{n.router.addr}:{port}", 3)
+    return collect(listen)
+
+
+def test_conntrack_timeout_expires_mapping():
+    """lab.conntrack_timeouts(router, udp=3, udp_stream=3) is the router's own (another
+    router keeps Linux's defaults): a UDP mapping that p answered is in conntrack_entries,
+    with the router's address and n's port as its public side; 3 s after its last packet it
+    is gone (long before the default 30 s), and what p then sends to it reaches nobody."""
+    need("conntrack")
+    with lab() as L:
+        p = L.public("p")
+        n = L.nat_host("n", kind="easy")
+        other = L.router("other")
+        r = n.router
+        default = L.conntrack_timeouts(other)
+        check_eq(L.conntrack_timeouts(r, udp=3, udp_stream=3), {"udp": 3, "udp_stream": 3},
+                 "r's UDP timeouts")
+        check_eq(L.conntrack_timeouts(other), default, "another router's UDP timeouts")
+        print(f"    conntrack UDP timeouts of a fresh router namespace: {default}")
+        got, e = _opened(L, n, p)
+        check(len(got) == 3 and all(g[:2] == [p.addr, 5000] for g in got),
+              "n receives p's answers through its fresh mapping", got)
+        check(e is not None, f"conntrack entry {n.addr}:41000 -> {p.addr}:5000 in {r.name}",
+              L.conntrack_entries(r))
+        check_eq((e.reply_src, e.reply_dst), ((p.addr, 5000), (r.addr, 41000)),
+                 "the entry's reply direction: p to the router's public address, n's port")
+        check(e.timeout <= 3 and "UNREPLIED" not in e.flags, "a replied entry, 3 s at most",
+              e)
+        t0 = time.monotonic()
+        T.wait_until(lambda: _mapping(L, r, n, 41000, p, 5000) is None,
+                     "the mapping to expire", timeout=20, interval=0.2)
+        waited = time.monotonic() - t0
+        print(f"    the mapping expired {waited:.1f} s after p's last answer was checked")
+        check(waited < 10, "it expired after about 3 s, not the default 30 s", waited)
+        got = _unsolicited(L, n, p)
+        check_eq(got, [], "what p's datagrams to the expired mapping delivered to n")
+        check(_mapping(L, r, n, 41000, p, 5000) is None, "no mapping was made again",
+              L.conntrack_entries(r))
+
+
+def test_flush_conntrack_forgets_mappings():
+    """lab.flush_conntrack(router) empties the NAT's table: n's UDP mapping towards p is gone
+    from conntrack_entries, and what p sends to it afterwards is dropped; when n sends again
+    the NAT makes a new mapping, which works. Its public port is not 41000 again: p's
+    unsolicited datagrams made a conntrack entry of their own (p:5000 -> router:41000, for the
+    router itself), which holds that tuple for 30 s."""
+    need("conntrack")
+    with lab() as L:
+        p = L.public("p")
+        n = L.nat_host("n", kind="easy")
+        r = n.router
+        got, e = _opened(L, n, p)
+        check(len(got) == 3 and e is not None, "a working mapping before the flush", got,
+              L.conntrack_entries(r))
+        L.flush_conntrack(r)
+        check(_mapping(L, r, n, 41000, p, 5000) is None, "the mapping is gone after the flush",
+              L.conntrack_entries(r))
+        check_eq(_unsolicited(L, n, p), [], "what p's datagrams to the flushed mapping "
+                 "delivered to n")
+        got, e = _opened(L, n, p)
+        check(len(got) == 3 and e is not None and e.reply_dst[0] == r.addr,
+              "n sending again makes a new mapping, which works", got, e)
+        print(f"    after the flush n:41000 -> p:5000 is mapped to {e.reply_dst[0]}:"
+              f"{e.reply_dst[1]}; the inbound entries: "
+              f"{[x for x in L.conntrack_entries(r, 'udp') if x.orig_src[0] == p.addr]}")
 
 
 # --------------------------------------------------------------------------- digfs in the lab

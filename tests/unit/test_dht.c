@@ -90,7 +90,9 @@ struct net {
     struct sockaddr_storage addr[MAXN];
     struct endpoint ep[MAXN];
     uint64_t next_tick[MAXN];
-    int dead[MAXN]; /* packets to a dead node vanish */
+    int dead[MAXN];    /* packets to a dead node vanish */
+    int hard[MAXN];    /* behind a hard NAT: another source port for every destination */
+    int implied[MAXN]; /* announces with implied_port */
     struct sockaddr_storage probe[MAXPROBE];
     struct pkt *q;
     size_t nq, capq;
@@ -202,6 +204,11 @@ static int net_send(void *arg, const struct sockaddr *to, socklen_t tolen, const
     }
     struct pkt *k = &net->q[net->nq++];
     k->from = net->addr[ep->idx];
+    if (net->hard[ep->idx] && to->sa_family == AF_INET) {
+        const struct sockaddr_in *t4 = (const struct sockaddr_in *)to;
+        uint32_t h = ntohl(t4->sin_addr.s_addr) * 2654435761u + ntohs(t4->sin_port);
+        ((struct sockaddr_in *)&k->from)->sin_port = htons((uint16_t)(20000 + h % 20000));
+    }
     memset(&k->to, 0, sizeof(k->to));
     memcpy(&k->to, to, tolen);
     k->at = net->now + DELAY_MS;
@@ -251,6 +258,7 @@ static int net_add_cfg(struct net *net, const uint8_t *id, const struct dg_dht_r
     cfg.version = version;
     cfg.version_len = sizeof(version);
     cfg.ratelimit = rl;
+    cfg.implied_port = net->implied[i];
     net->ep[i].net = net;
     net->ep[i].idx = i;
     if (net->family == AF_INET6)
@@ -316,7 +324,10 @@ static void net_run(struct net *net, uint64_t ms)
             memmove(&net->q[i], &net->q[i + 1], (net->nq - i - 1) * sizeof(*net->q));
             net->nq--;
             for (int j = 0; j < net->n; j++) {
-                if (addr_eq(&net->addr[j], (const struct sockaddr *)&k.to)) {
+                if (addr_eq(&net->addr[j], (const struct sockaddr *)&k.to) ||
+                    (net->hard[j] && k.to.ss_family == AF_INET &&
+                     ((struct sockaddr_in *)&net->addr[j])->sin_addr.s_addr ==
+                         ((struct sockaddr_in *)&k.to)->sin_addr.s_addr)) {
                     if (!net->dead[j]) {
                         dg_dht_receive(net->node[j], k.buf, k.len, (struct sockaddr *)&k.from,
                                        sslen(&k.from), net->now);
@@ -408,9 +419,11 @@ struct result {
     struct dg_dht_compact peers[512];
     uint64_t done_at;
     struct net *net;
+    struct sockaddr_in last_from; /* the node that returned the last peers */
 };
 
-static void on_peers(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n, int done)
+static void on_peers(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n,
+                     const struct sockaddr *from, int done)
 {
     struct result *r = arg;
 
@@ -419,12 +432,15 @@ static void on_peers(void *arg, uint32_t id, const struct dg_dht_compact *peers,
     r->calls++;
     if (done) {
         assert_int_equal(n, 0);
+        assert_null(from);
         r->done = 1;
         if (r->net)
             r->done_at = r->net->now;
         return;
     }
     assert_true(n > 0);
+    assert_non_null(from);
+    r->last_from = *(const struct sockaddr_in *)from;
     for (size_t i = 0; i < n; i++) {
         for (size_t j = 0; j < r->npeers; j++)
             assert_false(r->peers[j].len == peers[i].len &&
@@ -958,6 +974,107 @@ static void test_external_addr(void **state)
     net_free(net);
 }
 
+/* How observers see a node: one port for a plain node, one per observer behind a hard NAT. */
+static void test_mapping(void **state)
+{
+    (void)state;
+    struct net *net = net_swarm(12, 21, 10000);
+    struct dg_dht_mapping m;
+
+    dg_dht_mapping(net->node[3], net->now, &m);
+    assert_true(m.observers >= 2);
+    assert_int_equal(m.ports, 1);
+    assert_int_equal(m.same_port, m.observers);
+    assert_true(addr_eq(&net->addr[3], (struct sockaddr *)&m.addr));
+
+    int z = net->n;
+    net->hard[z] = 1;
+    net_add(net);
+    assert_int_equal(dg_dht_bootstrap(net->node[z], (struct sockaddr *)&net->addr[0],
+                                      sizeof(struct sockaddr_in), net->now),
+                     0);
+    net_run(net, 10000);
+    dg_dht_mapping(net->node[z], net->now, &m);
+    assert_true(m.observers >= 2);
+    assert_int_equal(m.ports, m.observers); /* every observer saw its own port */
+    assert_int_equal(m.same_port, 1);
+    /* Old reports say nothing. */
+    dg_dht_mapping(net->node[z], net->now + DG_DHT_MAPPING_FRESH_MS + 1000, &m);
+    assert_int_equal(m.observers, 0);
+    /* A node nobody answered has no mapping. */
+    int y = net_add(net);
+    dg_dht_mapping(net->node[y], net->now, &m);
+    assert_int_equal(m.observers, 0);
+    net_free(net);
+}
+
+/* Keep-alives go to the nodes that took our announce, and only while on; those nodes know
+ * the announced address (the rendezvous check); with implied_port they know the port they saw
+ * the announce come from. */
+static void test_keepalive_and_announced(void **state)
+{
+    (void)state;
+    struct net *net = net_swarm(20, 22, 20000);
+    uint8_t key[DG_NODE_ID_LEN], key2[DG_NODE_ID_LEN];
+    struct result ra, rb;
+    int a = 4, b = net->n;
+    struct sockaddr_storage at4242 = net->addr[a], at4243 = net->addr[a];
+
+    memset(&ra, 0, sizeof(ra));
+    memset(&rb, 0, sizeof(rb));
+    ra.net = rb.net = net;
+    rng_bytes(&net->rng, key, sizeof(key));
+    rng_bytes(&net->rng, key2, sizeof(key2));
+    ((struct sockaddr_in *)&at4242)->sin_port = htons(4242);
+    ((struct sockaddr_in *)&at4243)->sin_port = htons(4243);
+
+    assert_int_equal(dg_dht_get_peers(net->node[a], key, 4242, on_peers, &ra, net->now, NULL), 0);
+    run_until_done(net, &ra, 40000);
+    int holders = 0;
+    for (int j = 0; j < net->n; j++) {
+        holders += dg_dht_announced(net->node[j], key, (struct sockaddr *)&at4242, net->now);
+        assert_int_equal(dg_dht_announced(net->node[j], key, (struct sockaddr *)&at4243, net->now),
+                         0);
+        assert_int_equal(dg_dht_announced(net->node[j], key2, (struct sockaddr *)&at4242, net->now),
+                         0);
+    }
+    assert_true(holders >= 1);
+
+    /* Off by default: no keep-alives. */
+    net_run(net, 60000);
+    assert_int_equal(stats_of(net, a).keepalives, 0);
+    dg_dht_set_keepalive(net->node[a], 15000);
+    tick_all(net);
+    uint64_t pings = stats_of(net, a).queries_out[DG_KRPC_PING];
+    net_run(net, 60000);
+    uint64_t ka = stats_of(net, a).keepalives;
+    assert_true(ka >= (uint64_t)holders * 3);
+    assert_true(stats_of(net, a).queries_out[DG_KRPC_PING] - pings >= ka);
+    dg_dht_set_keepalive(net->node[a], 0);
+    net_run(net, 60000);
+    assert_int_equal(stats_of(net, a).keepalives, ka);
+
+    /* implied_port: the holders store the source port (6881), not the port announced. */
+    net->implied[b] = 1;
+    net_add(net);
+    assert_int_equal(dg_dht_bootstrap(net->node[b], (struct sockaddr *)&net->addr[0],
+                                      sizeof(struct sockaddr_in), net->now),
+                     0);
+    net_run(net, 5000);
+    assert_int_equal(dg_dht_get_peers(net->node[b], key2, 4242, on_peers, &rb, net->now, NULL), 0);
+    run_until_done(net, &rb, 40000);
+    struct sockaddr_storage b4242 = net->addr[b];
+    ((struct sockaddr_in *)&b4242)->sin_port = htons(4242);
+    holders = 0;
+    for (int j = 0; j < net->n; j++) {
+        holders += dg_dht_announced(net->node[j], key2, (struct sockaddr *)&net->addr[b], net->now);
+        assert_int_equal(dg_dht_announced(net->node[j], key2, (struct sockaddr *)&b4242, net->now),
+                         0);
+    }
+    assert_true(holders >= 1);
+    net_free(net);
+}
+
 static void test_save_load(void **state)
 {
     (void)state;
@@ -1172,6 +1289,8 @@ int main(void)
         cmocka_unit_test(test_rate_limit),
         cmocka_unit_test(test_reply_caps),
         cmocka_unit_test(test_external_addr),
+        cmocka_unit_test(test_mapping),
+        cmocka_unit_test(test_keepalive_and_announced),
         cmocka_unit_test(test_save_load),
         cmocka_unit_test(test_cancel_and_cap),
         cmocka_unit_test(test_ipv6),

@@ -227,13 +227,15 @@ static void stop_from_callback(struct lab *lab, int i)
     lab->svc[i] = NULL;
 }
 
-static void found_cb(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n, int done)
+static void found_cb(void *arg, uint32_t id, const struct dg_dht_compact *peers, size_t n,
+                     const struct sockaddr *from, int done)
 {
     struct found *f = arg;
 
     assert_true(id != 0);
     assert_int_equal(f->done, 0); /* nothing after the final callback */
     f->calls++;
+    assert_true(done ? from == NULL : from != NULL);
     if (done) {
         assert_int_equal(n, 0);
         f->done = 1;

@@ -547,12 +547,17 @@ static void test_network_options(void **state)
     assert_int_equal(o.lsd, 1);
     assert_int_equal(o.upnp, 1);
     assert_int_equal(o.natpmp, 1);
+    assert_int_equal(o.holepunch, 1);
+    assert_int_equal(o.relay, 1);
+    assert_int_equal(o.relay_rate, DG_DEFAULT_RELAY_RATE);
+    assert_int_equal(o.prefer_utp, 0);
     dg_options_free(&o);
 
     assert_int_equal(parse(&o, err, sizeof(err), "m", "-o",
                            "port=6881,bootstrap=127.0.0.1:7000+[::1]:7001,lookup_timeout=2.5,"
                            "peers=127.0.0.1:1+[::1]:2,announce_cached=no,offline,lsd=no,"
-                           "upnp=no,natpmp=0",
+                           "upnp=no,natpmp=0,holepunch=no,relay=0,relay_rate=512K,"
+                           "prefer_utp=yes",
                            NULL),
                      0);
     assert_int_equal(o.port, 6881);
@@ -564,6 +569,10 @@ static void test_network_options(void **state)
     assert_int_equal(o.lsd, 0);
     assert_int_equal(o.upnp, 0);
     assert_int_equal(o.natpmp, 0);
+    assert_int_equal(o.holepunch, 0);
+    assert_int_equal(o.relay, 0);
+    assert_int_equal(o.relay_rate, 512u << 10);
+    assert_int_equal(o.prefer_utp, 1);
     assert_string_equal(o.fuse_opts, ""); /* none of them reaches libfuse */
     dg_options_free(&o);
 
@@ -588,6 +597,11 @@ static void test_network_options(void **state)
         {"lsd=sometimes", "lsd"},
         {"upnp=", "upnp"},
         {"natpmp=2", "natpmp"},
+        {"holepunch=perhaps", "holepunch"},
+        {"relay=", "relay"},
+        {"relay_rate=0", "relay_rate"},
+        {"relay_rate=fast", "relay_rate"},
+        {"prefer_utp=1x", "prefer_utp"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         rc = parse(&o, err, sizeof(err), "m", "-o", bad[i][0], NULL);

