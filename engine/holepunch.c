@@ -149,6 +149,7 @@ static int addr_from_sa(struct addr *a, const struct sockaddr *sa)
     return -EINVAL;
 }
 
+/* Converts back; @p a must have a family. */
 static void addr_to_ss(const struct addr *a, struct sockaddr_storage *ss)
 {
     memset(ss, 0, sizeof(*ss));
@@ -165,16 +166,19 @@ static void addr_to_ss(const struct addr *a, struct sockaddr_storage *ss)
     }
 }
 
+/* Bytes of the IP that count: 4 or 16. */
 static size_t ip_len(const struct addr *a)
 {
     return a->family == 4 ? 4 : 16;
 }
 
+/* Same family and IP (any port). */
 static int ip_eq(const struct addr *a, const struct addr *b)
 {
     return a->family == b->family && a->family != 0 && memcmp(a->ip, b->ip, ip_len(a)) == 0;
 }
 
+/* Same family, IP and port. */
 static int addr_eq(const struct addr *a, const struct addr *b)
 {
     return ip_eq(a, b) && a->port == b->port;
@@ -223,18 +227,21 @@ static const uint8_t *take(struct reader *r, size_t n)
     return q;
 }
 
+/* One byte (0 once the reader is bad). */
 static uint8_t get_u8(struct reader *r)
 {
     const uint8_t *q = take(r, 1);
     return q ? q[0] : 0;
 }
 
+/* A big-endian u16 (0 once the reader is bad). */
 static uint16_t get_u16(struct reader *r)
 {
     const uint8_t *q = take(r, 2);
     return q ? (uint16_t)(q[0] << 8 | q[1]) : 0;
 }
 
+/* @p n bytes into @p out (left as they are once the reader is bad). */
 static void get_bytes(struct reader *r, uint8_t *out, size_t n)
 {
     const uint8_t *q = take(r, n);
@@ -266,6 +273,7 @@ struct writer {
     int full;
 };
 
+/* Appends @p n bytes, or marks the writer full. */
 static void put_bytes(struct writer *w, const void *src, size_t n)
 {
     if (w->full || w->left < n) {
@@ -277,18 +285,21 @@ static void put_bytes(struct writer *w, const void *src, size_t n)
     w->left -= n;
 }
 
+/* Appends one byte. */
 static void put_u8(struct writer *w, unsigned v)
 {
     uint8_t b = (uint8_t)v;
     put_bytes(w, &b, 1);
 }
 
+/* Appends a big-endian u16. */
 static void put_u16(struct writer *w, uint16_t v)
 {
     uint8_t b[2] = {(uint8_t)(v >> 8), (uint8_t)v};
     put_bytes(w, b, 2);
 }
 
+/* Family byte, IP, port of an address msg_valid() accepted. */
 static void put_addr(struct writer *w, const struct sockaddr_storage *ss)
 {
     struct addr a;
@@ -299,11 +310,13 @@ static void put_addr(struct writer *w, const struct sockaddr_storage *ss)
     put_u16(w, a.port);
 }
 
+/* Whether @p v is an enum dg_nat_class. */
 static int nat_valid(unsigned v)
 {
     return v <= DG_NAT_HARD;
 }
 
+/* Whether @p v is an enum dg_hp_mode. */
 static int mode_valid(unsigned v)
 {
     return v == DG_HP_MODE_PUNCH || v == DG_HP_MODE_RELAY;
@@ -369,8 +382,7 @@ int dg_hp_parse(const uint8_t *buf, size_t len, struct dg_hp_msg *out)
             return -EBADMSG;
         out->nat = (enum dg_nat_class)v;
     }
-    if (out->type == DG_HP_CONNECT || out->type == DG_HP_PUNCH ||
-        out->type == DG_HP_CONNECT_ACK) {
+    if (out->type == DG_HP_CONNECT || out->type == DG_HP_PUNCH || out->type == DG_HP_CONNECT_ACK) {
         v = get_u8(&r);
         if (!mode_valid(v))
             return -EBADMSG;
@@ -448,11 +460,13 @@ const char *dg_nat_class_name(enum dg_nat_class c)
 
 /* ------------------------------------------------------------------ keyed hash, randomness */
 
+/* Rotates left by @p b (0 < b < 64). */
 static uint64_t rotl(uint64_t x, int b)
 {
     return x << b | x >> (64 - b);
 }
 
+/* One SipRound of SipHash on the state @p v. */
 static void sipround(uint64_t v[4])
 {
     v[0] += v[1];
@@ -603,6 +617,7 @@ static int rate_ok(struct rate *t, const struct addr *from, uint64_t now)
 
 /* ------------------------------------------------------------------ sending */
 
+/* A zeroed message of @p type for session @p nonce. */
 static void msg_init(struct dg_hp_msg *m, enum dg_hp_type type, const uint8_t *nonce)
 {
     memset(m, 0, sizeof(*m));
@@ -610,6 +625,7 @@ static void msg_init(struct dg_hp_msg *m, enum dg_hp_type type, const uint8_t *n
     memcpy(m->nonce, nonce, DG_HP_NONCE_LEN);
 }
 
+/* Formats @p m and sends it on @p path to @p to. */
 static void send_msg(struct dg_hp *hp, int path, const struct dg_hp_msg *m, const struct addr *to)
 {
     uint8_t buf[DG_HP_MAX_MESSAGE];
@@ -624,6 +640,7 @@ static void send_msg(struct dg_hp *hp, int path, const struct dg_hp_msg *m, cons
     hp->ops.send(hp->arg, path, buf, (size_t)n, (const struct sockaddr *)&ss);
 }
 
+/* A PROBE for session @p nonce, a reply or not. */
 static void send_probe(struct dg_hp *hp, int path, const uint8_t *nonce, enum dg_nat_class nat,
                        int reply, const struct addr *to)
 {
@@ -648,6 +665,7 @@ static void send_reject(struct dg_hp *hp, enum dg_hp_type type, const uint8_t *n
 
 /* ------------------------------------------------------------------ session lifetime */
 
+/* Notes that a public call runs (see leave()). */
 static void enter(struct dg_hp *hp)
 {
     hp->depth++;
@@ -682,6 +700,7 @@ static void end_session(struct dg_hp *hp, struct session *s, int keep)
     free(paths);
 }
 
+/* Ends initiator session @p s and tells the engine why. */
 static void fail(struct dg_hp *hp, struct session *s, enum dg_hp_failure why)
 {
     struct sockaddr_storage target;
@@ -693,6 +712,7 @@ static void fail(struct dg_hp *hp, struct session *s, enum dg_hp_failure why)
         hp->ops.failed(hp->arg, s->key, (const struct sockaddr *)&target, why);
 }
 
+/* The running session (connecting or punching) with @p nonce in @p arr, or NULL. */
 static struct session *find_session(struct session *arr, const uint8_t *nonce)
 {
     for (int i = 0; i < DG_HP_MAX_SESSIONS; i++)
@@ -702,6 +722,7 @@ static struct session *find_session(struct session *arr, const uint8_t *nonce)
     return NULL;
 }
 
+/* A free slot of @p arr, or NULL (ended ones are not free before leave()). */
 static struct session *free_session(struct session *arr)
 {
     for (int i = 0; i < DG_HP_MAX_SESSIONS; i++)
@@ -710,8 +731,8 @@ static struct session *free_session(struct session *arr)
     return NULL;
 }
 
-static struct done *find_done(struct dg_hp *hp, const uint8_t *nonce, int initiator,
-                              uint64_t now)
+/* The unexpired record of a finished session of that role with @p nonce, or NULL. */
+static struct done *find_done(struct dg_hp *hp, const uint8_t *nonce, int initiator, uint64_t now)
 {
     for (int i = 0; i < DONE_SLOTS; i++) {
         struct done *d = &hp->done[i];
@@ -722,9 +743,9 @@ static struct done *find_done(struct dg_hp *hp, const uint8_t *nonce, int initia
     return NULL;
 }
 
-/* Remembers a finished session (evicting the oldest record when all are in use). */
-static void add_done(struct dg_hp *hp, const struct session *s, int path, const struct addr *peer,
-                     uint64_t now)
+/* A fresh record of finished session @p nonce, without a path yet (the oldest record makes
+ * room when all are in use). */
+static struct done *new_done(struct dg_hp *hp, const uint8_t *nonce, int initiator, uint64_t now)
 {
     struct done *d = &hp->done[0];
 
@@ -738,20 +759,16 @@ static void add_done(struct dg_hp *hp, const struct session *s, int path, const 
     }
     memset(d, 0, sizeof(*d));
     d->used = 1;
-    d->initiator = s->initiator;
-    memcpy(d->nonce, s->nonce, DG_HP_NONCE_LEN);
-    d->path = path;
-    if (peer)
-        d->peer = *peer;
-    d->via = s->via;
-    d->nat = s->nat;
-    d->repeats = path >= 0 ? DONE_REPEATS : 0;
-    d->next_repeat = now + DG_HP_PROBE_INTERVAL_MS;
+    d->initiator = initiator;
+    memcpy(d->nonce, nonce, DG_HP_NONCE_LEN);
+    d->path = -1;
     d->until = now + DG_HP_LINGER_MS;
+    return d;
 }
 
 /* ------------------------------------------------------------------ punching */
 
+/* Unknown counts as easy. */
 static enum dg_nat_class effective(enum dg_nat_class c)
 {
     return c == DG_NAT_UNKNOWN ? DG_NAT_EASY : c;
@@ -798,6 +815,7 @@ static int next_spray_port(struct session *s, uint16_t *port)
     return 0;
 }
 
+/* Sends the probes to guessed ports that are due, up to DG_HP_SPRAY_BURST. */
 static void spray(struct dg_hp *hp, struct session *s, uint64_t now)
 {
     int burst = 0;
@@ -884,10 +902,16 @@ static void start_punch(struct dg_hp *hp, struct session *s, const struct addr *
 static void succeed(struct dg_hp *hp, struct session *s, int path, const struct addr *from,
                     uint64_t now)
 {
+    struct done *d = new_done(hp, s->nonce, s->initiator, now);
     struct sockaddr_storage peer;
 
+    d->path = path;
+    d->peer = *from;
+    d->via = s->via;
+    d->nat = s->nat;
+    d->repeats = DONE_REPEATS;
+    d->next_repeat = now + DG_HP_PROBE_INTERVAL_MS;
     addr_to_ss(from, &peer);
-    add_done(hp, s, path, from, now);
     end_session(hp, s, path);
     if (s->initiator)
         hp->st.punched++;
@@ -897,8 +921,9 @@ static void succeed(struct dg_hp *hp, struct session *s, int path, const struct 
         hp->ops.punched(hp->arg, s->key, s->initiator, path, (const struct sockaddr *)&peer);
 }
 
-static void on_probe(struct dg_hp *hp, int path, const struct dg_hp_msg *m,
-                     const struct addr *from, uint64_t now)
+/* A PROBE: success of a session, an answer from a finished one, or ignored. */
+static void on_probe(struct dg_hp *hp, int path, const struct dg_hp_msg *m, const struct addr *from,
+                     uint64_t now)
 {
     int reply = m->flags & DG_HP_PROBE_REPLY;
     struct session *s = find_session(hp->init, m->nonce);
@@ -934,6 +959,7 @@ static void on_probe(struct dg_hp *hp, int path, const struct dg_hp_msg *m,
 
 /* ------------------------------------------------------------------ rendezvous (D) */
 
+/* The rendezvous session (waiting or answered) with @p nonce, or NULL. */
 static struct rendezvous *find_rdv(struct dg_hp *hp, const uint8_t *nonce)
 {
     for (int i = 0; i < DG_HP_MAX_SESSIONS; i++)
@@ -957,6 +983,7 @@ static struct rendezvous *rdv_slot(struct dg_hp *hp)
     return best;
 }
 
+/* The PUNCH of @p r, to A. */
 static void send_punch(struct dg_hp *hp, const struct rendezvous *r)
 {
     struct dg_hp_msg m;
@@ -980,6 +1007,7 @@ static void rdv_answer(struct dg_hp *hp, struct rendezvous *r, const struct dg_h
     send_msg(hp, 0, &r->answer, &r->b);
 }
 
+/* A CONNECT: the cookie, the repeats, the checks; then PUNCH to A (holepunch.h). */
 static void rdv_connect(struct dg_hp *hp, const struct dg_hp_msg *m, const struct addr *from,
                         uint64_t now)
 {
@@ -1015,16 +1043,13 @@ static void rdv_connect(struct dg_hp *hp, const struct dg_hp_msg *m, const struc
     contact = target;
     if (target.family != from->family)
         why = DG_HP_FAIL_UNKNOWN_PEER;
-    else if (!rate_ok(hp->connect_rate, from, now) || !rdv_slot(hp))
+    else if (!rate_ok(hp->connect_rate, from, now) || !(r = rdv_slot(hp)))
         why = DG_HP_FAIL_BUSY;
     else if (!hp->ops.announced(hp->arg, m->key, (const struct sockaddr *)&ts))
         why = DG_HP_FAIL_UNKNOWN_PEER;
     else if (m->mode == DG_HP_MODE_RELAY &&
              (!hp->ops.relay_expect || !(relay_port = hp->ops.relay_expect(hp->arg, m->nonce))))
         why = DG_HP_FAIL_NO_RELAY;
-    /* The callbacks may have started sessions: look for a slot again. */
-    if (!why && !(r = rdv_slot(hp)))
-        why = DG_HP_FAIL_BUSY;
     if (why) {
         hp->st.refused++;
         send_reject(hp, DG_HP_CONNECT_REJECT, m->nonce, why, from);
@@ -1077,6 +1102,7 @@ static void rdv_reply(struct dg_hp *hp, const struct dg_hp_msg *m, const struct 
     rdv_answer(hp, r, &answer, now);
 }
 
+/* The PUNCH's one resend, the wait for A, the end of the kept answer. */
 static void rdv_tick(struct dg_hp *hp, struct rendezvous *r, uint64_t now)
 {
     if (r->state == S_ANSWERED && now >= r->expires) {
@@ -1094,6 +1120,7 @@ static void rdv_tick(struct dg_hp *hp, struct rendezvous *r, uint64_t now)
 
 /* ------------------------------------------------------------------ responder (A) */
 
+/* PUNCH_ACK with our class @p nat. */
 static void send_punch_ack(struct dg_hp *hp, const uint8_t *nonce, enum dg_nat_class nat,
                            const struct addr *to)
 {
@@ -1116,6 +1143,7 @@ static int blind_sessions(const struct dg_hp *hp)
     return n;
 }
 
+/* A PUNCH from a rendezvous: ack it, and punch or relay; or refuse it. */
 static void resp_punch(struct dg_hp *hp, const struct dg_hp_msg *m, const struct addr *from,
                        uint64_t now)
 {
@@ -1171,12 +1199,9 @@ static void resp_punch(struct dg_hp *hp, const struct dg_hp_msg *m, const struct
         return;
     }
     /* Relay, or both hard: nothing to punch. Remember the nonce to ack D's resend. */
-    struct session tmp;
-    memset(&tmp, 0, sizeof(tmp));
-    memcpy(tmp.nonce, m->nonce, DG_HP_NONCE_LEN);
-    tmp.via = *from;
-    tmp.nat = nat;
-    add_done(hp, &tmp, -1, NULL, now);
+    d = new_done(hp, m->nonce, 0, now);
+    d->via = *from;
+    d->nat = nat;
     if (m->mode == DG_HP_MODE_RELAY && hp->ops.relay) {
         struct addr relay = *from;
         struct sockaddr_storage rs;
@@ -1188,6 +1213,7 @@ static void resp_punch(struct dg_hp *hp, const struct dg_hp_msg *m, const struct
 
 /* ------------------------------------------------------------------ initiator (B) */
 
+/* (Re)sends @p s's CONNECT, with the cookie it has. */
 static void send_connect(struct dg_hp *hp, const struct session *s)
 {
     struct dg_hp_msg m;

@@ -135,16 +135,16 @@ enum dg_hp_type {
 struct dg_hp_msg {
     enum dg_hp_type type;
     uint8_t nonce[DG_HP_NONCE_LEN];
-    uint8_t key[20];              /* CONNECT, PUNCH */
-    struct sockaddr_storage addr; /* CONNECT: A; PUNCH: B as D saw it; CONNECT_ACK: A as D saw
-                                     it. AF_INET or AF_INET6, port and IP never 0 */
-    enum dg_nat_class nat;        /* CONNECT, PUNCH: B's; PUNCH_ACK, CONNECT_ACK: A's; PROBE:
-                                     the sender's */
-    enum dg_hp_mode mode;         /* CONNECT, PUNCH, CONNECT_ACK */
-    uint16_t relay_port;          /* PUNCH, CONNECT_ACK: non-zero exactly in mode relay */
-    enum dg_hp_failure reason;    /* CONNECT_REJECT: UNKNOWN_PEER, REFUSED, BUSY or NO_RELAY;
-                                     PUNCH_REJECT: REFUSED or BUSY */
-    uint8_t flags;                /* PROBE: 0 or DG_HP_PROBE_REPLY */
+    uint8_t key[20];                  /* CONNECT, PUNCH */
+    struct sockaddr_storage addr;     /* CONNECT: A; PUNCH: B as D saw it; CONNECT_ACK: A as D saw
+                                         it. AF_INET or AF_INET6, port and IP never 0 */
+    enum dg_nat_class nat;            /* CONNECT, PUNCH: B's; PUNCH_ACK, CONNECT_ACK: A's; PROBE:
+                                         the sender's */
+    enum dg_hp_mode mode;             /* CONNECT, PUNCH, CONNECT_ACK */
+    uint16_t relay_port;              /* PUNCH, CONNECT_ACK: non-zero exactly in mode relay */
+    enum dg_hp_failure reason;        /* CONNECT_REJECT: UNKNOWN_PEER, REFUSED, BUSY or NO_RELAY;
+                                         PUNCH_REJECT: REFUSED or BUSY */
+    uint8_t flags;                    /* PROBE: 0 or DG_HP_PROBE_REPLY */
     uint8_t cookie[DG_HP_COOKIE_LEN]; /* CONNECT (all zero: none yet), COOKIE */
 };
 

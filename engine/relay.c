@@ -66,7 +66,7 @@ struct end {
     size_t prelen;
     uint8_t *early; /* read while the session waits for the other end */
     size_t early_len;
-    size_t queued;     /* bytes of writes to this end not yet done */
+    size_t queued;     /* writes to this end not yet done: bytes plus WRITE_COST each */
     int64_t credit;    /* the bucket of what is read from this end, in 1/1000 bytes */
     uint64_t refilled; /* uv_now when credit was last refilled */
     uint64_t accepted; /* uv_now at accept */
@@ -78,6 +78,10 @@ struct write_req {
     size_t len;
     uint8_t data[];
 };
+
+/* What a write costs beyond its bytes, counted against HIGH_WATER so that many small reads
+ * cannot pile up many requests. */
+#define WRITE_COST sizeof(struct write_req)
 
 struct dg_relay {
     uv_loop_t *loop;
@@ -339,7 +343,7 @@ static void on_write(uv_write_t *req, int status)
     struct write_req *w = (struct write_req *)req;
     struct end *dst = req->handle->data, *src;
 
-    dst->queued -= w->len;
+    dst->queued -= w->len + WRITE_COST;
     dst->r->buffered -= w->len;
     free(w);
     if (status < 0) {
@@ -349,6 +353,8 @@ static void on_write(uv_write_t *req, int status)
         }
         return;
     }
+    if (dst->s && dst->s->state == RUNNING)
+        dst->s->active = uv_now(dst->r->loop);
     src = peer_of(dst);
     if (src)
         update_reading(src);
@@ -372,7 +378,7 @@ static int forward(struct end *dst, const uint8_t *p, size_t n)
         free(w);
         return rc;
     }
-    dst->queued += n;
+    dst->queued += n + WRITE_COST;
     dst->r->buffered += n;
     dst->r->bytes += n;
     return 0;

@@ -41,7 +41,7 @@
 #define ANNOUNCE_RETRY_MS 2000u /* an announce the DHT could not start yet */
 #define ANNOUNCE_THIN_MS 60000u /* an announce made while the table was thin */
 #define CANCELLED_RING 64
-#define TRAVERSE_AFTER_MS 1500u /* a direct connection not up by then: try NAT traversal */
+#define TRAVERSE_AFTER_MS 1000u /* a direct connection not up by then: try NAT traversal */
 
 /* Metadata stages of a swarm whose root the cache does not know. */
 enum meta_stage {
@@ -2031,6 +2031,11 @@ static void start_traverse(struct swarm *sw, struct candidate *cand, int relay)
     }
     cand->traverse = relay ? TRAVERSE_RELAY : TRAVERSE_PUNCH;
     s->stats.traversals++;
+    char name[64], via[64];
+    format_addr(&cand->addr, name, sizeof(name));
+    format_addr(&cand->via, via, sizeof(via));
+    dg_log(DG_LOG_DEBUG, "swarm", "%s to %s through %s", relay ? "relay" : "hole punching", name,
+           via);
 }
 
 /* Whether a connection to @p cand got past the hello. */

@@ -313,6 +313,12 @@ static void hp_punched(void *arg, const uint8_t key[20], int initiator, int path
 
     if (p)
         p->owned_by_hp = 0;
+    char a[INET6_ADDRSTRLEN] = "?";
+    if (peer->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)peer)->sin_addr, a, sizeof(a));
+    dg_log(DG_LOG_DEBUG, LOG_MODULE, "hole to %s:%u open on path %d (%s) at %llu ms", a,
+           peer->sa_family == AF_INET ? ntohs(((const struct sockaddr_in *)peer)->sin_port) : 0,
+           path, initiator ? "we asked" : "they asked", (unsigned long long)now_ms(t));
     if (initiator && t->swarms)
         dg_swarms_punched(t->swarms, key, NULL, path, peer);
     utp_timer_arm(t);
@@ -323,6 +329,8 @@ static void hp_relay(void *arg, const uint8_t key[20], int initiator, const stru
 {
     struct dg_traversal *t = arg;
 
+    dg_log(DG_LOG_DEBUG, LOG_MODULE, "relay ready (%s) at %llu ms",
+           initiator ? "we asked" : "they asked", (unsigned long long)now_ms(t));
     if (t->swarms)
         dg_swarms_relayed(t->swarms, key, initiator, relay, relay, nonce);
 }
@@ -335,7 +343,8 @@ static void hp_failed(void *arg, const uint8_t key[20], const struct sockaddr *t
 
     if (target->sa_family == AF_INET)
         inet_ntop(AF_INET, &((const struct sockaddr_in *)target)->sin_addr, a, sizeof(a));
-    dg_log(DG_LOG_DEBUG, LOG_MODULE, "traversal to %s failed (%d)", a, (int)why);
+    dg_log(DG_LOG_DEBUG, LOG_MODULE, "traversal to %s failed (%d) at %llu ms", a, (int)why,
+           (unsigned long long)now_ms(t));
     if (t->swarms)
         dg_swarms_traverse_failed(t->swarms, key, target,
                                   why == DG_HP_FAIL_BOTH_HARD || why == DG_HP_FAIL_TIMEOUT);
@@ -393,12 +402,14 @@ static void classify(struct dg_traversal *t)
     } else if (t->cfg.mapped && t->cfg.mapped(t->cfg.arg)) {
         c = DG_NAT_NONE;
         why = "port mapped on the router";
-    } else if (m.observers >= 2 && m.ports >= 2) {
-        c = DG_NAT_HARD;
-        why = "endpoint-dependent mapping";
-    } else if (m.observers >= 2 && m.same_port >= 2) {
+    } else if (m.observers >= 2 && m.same_port >= 2 && 2 * m.same_port > m.observers) {
+        /* Most observers see one port. A few may not: a Linux NAT gives another port towards
+         * a peer whose packets reached that port before ours left (conntrack holds it). */
         c = DG_NAT_EASY;
         why = "endpoint-independent mapping";
+    } else if (m.observers >= 2) {
+        c = DG_NAT_HARD;
+        why = "endpoint-dependent mapping";
     } else {
         c = DG_NAT_UNKNOWN;
         why = "too few observers";
@@ -494,6 +505,8 @@ int dg_traversal_request(struct dg_traversal *t, const uint8_t key[20],
         return -ESHUTDOWN;
     rc = dg_hp_connect(t->hp, key, target, via, relay ? DG_HP_MODE_RELAY : DG_HP_MODE_PUNCH,
                        now_ms(t));
+    dg_log(DG_LOG_DEBUG, LOG_MODULE, "asked for %s at %llu ms: %d", relay ? "a relay" : "a hole",
+           (unsigned long long)now_ms(t), rc);
     hp_kick(t);
     return rc;
 }

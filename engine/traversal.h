@@ -9,9 +9,11 @@
  *     it (dg_dht_service_mapping) and whether the router mapped our port:
  *       none: the reported IP is one of our interfaces' addresses, or the router mapped our
  *             port (UPnP / NAT-PMP);
- *       hard: at least two observers saw the same IP with different ports (endpoint-dependent
- *             mapping);
- *       easy: at least two observers saw the same IP and port (endpoint-independent mapping);
+ *       easy: at least two observers, and more than half of them, saw the same IP and port
+ *             (endpoint-independent mapping; a Linux NAT gives a few peers another port when
+ *             their packets reached the port first);
+ *       hard: at least two observers, and no port seen by more than half of them
+ *             (endpoint-dependent mapping);
  *       unknown: fewer than two observers so far.
  *     While the class is not none, the DHT keeps the mappings towards the nodes holding our
  *     announces open (DG_TRAVERSAL_KEEPALIVE_MS), so that they can act as our rendezvous.

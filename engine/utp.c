@@ -23,6 +23,11 @@
  * a lost ACK does not wait for the RTO. The RTO marks everything in flight lost and restarts
  * from one packet in slow start.
  *
+ * RTT. Samples come from packets sent once (Karn), the most recently sent of those an ACK
+ * covers, and not from a cumulative ACK that also covers a retransmission: the packets after
+ * a filled hole waited in the peer's buffer, and timing them inflates the RTO for good with a
+ * peer that sends no SACK. The RTO's doubling ends as soon as an ACK shows progress.
+ *
  * Receiving. Packets past the last one handed to on_read (deliver_nr) are held in an array of
  * RECV_SLOTS slots indexed by sequence number; ack_nr is the last one received in order. While
  * the owner reads and nothing is held, an in-order packet goes to on_read straight from the
@@ -59,6 +64,7 @@ enum {
 #define INITIAL_CWND_PACKETS 4    /* window at start */
 #define MIN_CWND_PACKETS 2        /* the least a loss or the delay brings it to */
 #define DUP_ACKS 3                /* duplicate ACKs, or later packets acked, that mean a loss */
+#define REORDER_MIN_US 1000       /* the time rule waits at least this long (loopback RTTs) */
 #define MAX_TIMEOUTS 8            /* RTOs in a row without progress: -ETIMEDOUT */
 #define CLOSE_TIMEOUTS 4          /* the same for a closing connection: freed */
 #define RECV_SLOTS 1024           /* receive buffer: packets past the last one delivered */
@@ -134,7 +140,9 @@ struct dg_utp_sock {
     uint64_t rack_sent_us;   /* latest transmission time of a packet acked (sent once) */
     uint64_t stamps;         /* transmissions so far */
     uint64_t acked_stamp[3]; /* the three highest stamps acked, highest first */
-    uint32_t srtt, rttvar, rto;
+    uint32_t srtt, rttvar;
+    uint32_t rto_base;         /* from the RTT (RFC 6298) */
+    uint32_t rto;              /* rto_base, doubled per timeout since the last progress */
     uint64_t rto_at, probe_at; /* 0: not armed */
     uint64_t tlp_at;           /* tail-loss probe; 0: not armed */
 
@@ -386,7 +394,7 @@ static struct dg_utp_sock *sock_new(struct dg_utp *u, const struct sockaddr *add
     s->cwnd = INITIAL_CWND_PACKETS * s->packet_size;
     s->ssthresh = DG_UTP_SEND_BUFFER;
     s->slow_start = 1;
-    s->rto = INITIAL_RTO_US;
+    s->rto = s->rto_base = INITIAL_RTO_US;
     s->last_heard_us = s->last_sent_us = s->progress_us = now;
     return s;
 }
@@ -651,7 +659,8 @@ static void rtt_sample(struct dg_utp_sock *s, uint64_t r64)
         s->rttvar = (3 * s->rttvar + delta) / 4;
         s->srtt = (7 * s->srtt + r) / 8;
     }
-    s->rto = min32(max32(s->srtt + max32(4 * s->rttvar, 1000), MIN_RTO_US), MAX_RTO_US);
+    s->rto_base = min32(max32(s->srtt + max32(4 * s->rttvar, 1000), MIN_RTO_US), MAX_RTO_US);
+    s->rto = s->rto_base;
 }
 
 static void delay_sample(struct dg_utp_sock *s, uint32_t d, uint64_t now)
@@ -744,7 +753,8 @@ static void pkt_arrived(struct dg_utp_sock *s, struct pkt *p, uint64_t now, uint
     }
     note_stamp(s, p->stamp);
     if (p->tx == 1) { /* Karn: only packets sent once time the path */
-        *rtt = now - p->sent_us;
+        if (now - p->sent_us < *rtt)
+            *rtt = now - p->sent_us; /* the packet sent last tells the RTT best */
         if (p->sent_us > s->rack_sent_us)
             s->rack_sent_us = p->sent_us;
     }
@@ -753,7 +763,7 @@ static void pkt_arrived(struct dg_utp_sock *s, struct pkt *p, uint64_t now, uint
 /* Marks what the ACKs so far show lost. @return how many packets that made. */
 static uint32_t detect_losses(struct dg_utp_sock *s, uint64_t now)
 {
-    uint64_t reorder = (uint64_t)s->srtt + s->srtt / 4;
+    uint64_t reorder = max32(s->srtt + s->srtt / 4, REORDER_MIN_US);
     uint32_t n = 0;
 
     for (uint16_t seq = s->snd_una; seq != s->snd_next; seq++) {
@@ -790,6 +800,7 @@ static int process_ack(struct dg_utp_sock *s, const struct hdr *h, uint64_t now)
     uint16_t d = (uint16_t)(h->ack - (uint16_t)(s->snd_una - 1));
     uint32_t newly = 0, lost_now = 0;
     uint64_t rtt = UINT64_MAX;
+    int filled = 0; /* the ack covers a retransmitted packet */
     int limited = s->cwnd_blocked || s->pipe + s->packet_size > s->cwnd;
 
     if (d > outstanding) {
@@ -803,6 +814,7 @@ static int process_ack(struct dg_utp_sock *s, const struct hdr *h, uint64_t now)
         if (!p->sacked) {
             newly += p->len;
             pkt_arrived(s, p, now, &rtt);
+            filled |= p->tx > 1;
         } else {
             s->nsacked--;
         }
@@ -813,6 +825,10 @@ static int process_ack(struct dg_utp_sock *s, const struct hdr *h, uint64_t now)
         s->ring[s->snd_una & s->ring_mask] = NULL;
         s->snd_una++;
     }
+    /* When a retransmission filled a hole, the packets after it waited in the peer's buffer:
+     * their ack says nothing about the RTT (Karn's rule, extended). */
+    if (filled)
+        rtt = UINT64_MAX;
     if (h->sack) {
         /* Bit i: packet ack + 2 + i, which is snd_una + 1 + i now. */
         uint16_t left = (uint16_t)(s->snd_next - s->snd_una);
@@ -830,7 +846,10 @@ static int process_ack(struct dg_utp_sock *s, const struct hdr *h, uint64_t now)
         }
     }
     if (d) {
+        /* The path works again: the timer backoff ends (as Linux does; RFC 6298 would wait
+         * for an RTT sample, which acks of retransmitted packets never give). */
         s->dup_acks = 0;
+        s->rto = s->rto_base;
         s->rto_at = s->snd_una != s->snd_next ? now + s->rto : 0;
     } else if (!h->sack && h->type == ST_STATE && s->snd_una != s->snd_next && !newly) {
         struct pkt *p = s->ring[s->snd_una & s->ring_mask];

@@ -33,7 +33,7 @@
 #define DG_UTP_LOOPBACK_PACKET 16000       /* payload bytes when the remote is on 127/8 or ::1 */
 #define DG_UTP_SEND_BUFFER (1u << 20)      /* bytes accepted by dg_utp_write and not yet acked */
 #define DG_UTP_RECV_BUFFER (1u << 20)      /* bytes of out-of-order data held, and window offered */
-#define DG_UTP_CONNECT_TIMEOUT_US 6000000u /* SYN retried at 1 s, 2 s, then given up */
+#define DG_UTP_CONNECT_TIMEOUT_US 6000000u /* SYN again 1 s, 3 s after the first; given up */
 #define DG_UTP_IDLE_TIMEOUT_US 60000000u   /* nothing heard for this long: the connection died */
 #define DG_UTP_KEEPALIVE_US 20000000u      /* an ACK goes out after this long without sending */
 #define DG_UTP_MAX_CONNS 4096              /* connections in one context; SYNs beyond get a RESET */

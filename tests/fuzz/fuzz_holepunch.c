@@ -39,9 +39,9 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define NSRC 8
-#define MAXPATH 2048     /* path ids handed out per run */
-#define MAX_OPEN 600     /* extra paths open at once */
-#define MAXKNOWN 256     /* IPs the node may probe */
+#define MAXPATH 2048 /* path ids handed out per run */
+#define MAX_OPEN 600 /* extra paths open at once */
+#define MAXKNOWN 256 /* IPs the node may probe */
 #define MAXCOOKIES 16
 #define RELAY_PORT 7000
 #define SRC_D 0
@@ -50,7 +50,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define SRC_B 3
 #define SRC_D2 5
 
-static const uint8_t KEY[20] = {0x4b, 0x45, 0x59, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17};
+static const uint8_t KEY[20] = {0x4b, 0x45, 0x59, 1,  2,  3,  4,  5,  6,  7,
+                                8,    9,    10,   11, 12, 13, 14, 15, 16, 17};
 
 enum path_state {
     P_UNUSED = 0,
@@ -179,8 +180,8 @@ static void fz_send(void *arg, int path, const uint8_t *buf, size_t len, const s
         abort();
     if (to->sa_family != c->family)
         abort();
-    if (path < 0 || path >= MAXPATH || (path > 0 && c->path[path] != P_OPEN &&
-                                        c->path[path] != P_ENGINE))
+    if (path < 0 || path >= MAXPATH ||
+        (path > 0 && c->path[path] != P_OPEN && c->path[path] != P_ENGINE))
         abort();
     switch (m.type) {
     case DG_HP_COOKIE:
@@ -285,8 +286,8 @@ static void reenter(struct ctx *c, const uint8_t key[20], const struct sockaddr 
     if (c->reentries >= 8)
         return;
     c->reentries++;
-    if (dg_hp_connect(c->hp, key, target, (const struct sockaddr *)&c->src[SRC_D], mode,
-                      c->now) == 0)
+    if (dg_hp_connect(c->hp, key, target, (const struct sockaddr *)&c->src[SRC_D], mode, c->now) ==
+        0)
         c->connects++;
 }
 
@@ -398,8 +399,8 @@ static void feed(struct ctx *c, int src, int path, const uint8_t *buf, size_t le
     tick(c);
 }
 
-static size_t make(uint8_t *buf, enum dg_hp_type t, const uint8_t *nonce, int src, const struct ctx *c,
-                   int mode, enum dg_nat_class nat)
+static size_t make(uint8_t *buf, enum dg_hp_type t, const uint8_t *nonce, int src,
+                   const struct ctx *c, int mode, enum dg_nat_class nat)
 {
     struct dg_hp_msg m;
     int n;
@@ -500,8 +501,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 for (int i = 0; i < c.ncookies; i++)
                     if (ss_eq((const struct sockaddr *)&c.src[src], &c.cookies[i].to) &&
                         memcmp(c.cookies[i].nonce, buf + 5, DG_HP_NONCE_LEN) == 0)
-                        memcpy(buf + len - DG_HP_COOKIE_LEN, c.cookies[i].cookie,
-                               DG_HP_COOKIE_LEN);
+                        memcpy(buf + len - DG_HP_COOKIE_LEN, c.cookies[i].cookie, DG_HP_COOKIE_LEN);
             }
             feed(&c, src, pick_path(&c, (ctl >> 3) & 3), buf, len);
         }

@@ -1024,6 +1024,16 @@ class Lab:
                 _sh(ipt + ["-A", "FORWARD", "-i", "wan0", "-m", "conntrack", "--ctstate",
                            "ESTABLISHED,RELATED", "-j", "ACCEPT"])
                 _sh(ipt + ["-A", "FORWARD", "-i", "wan0", "-j", "DROP"])
+                # The router itself answers nothing from the WAN but replies and pings, as home
+                # routers do (OpenWrt rejects WAN input). Accepting it would also let Linux
+                # confirm a conntrack entry for every unsolicited datagram to the router, which
+                # holds that (peer, port) pair for 30 s: the router's own later mapping towards
+                # that peer would then get another port (no hole punching could work).
+                _sh(ipt + ["-A", "INPUT", "-i", "wan0", "-m", "conntrack", "--ctstate",
+                           "ESTABLISHED,RELATED", "-j", "ACCEPT"])
+                _sh(ipt + ["-A", "INPUT", "-i", "wan0", "-p", "icmp", "--icmp-type",
+                           "echo-request", "-j", "ACCEPT"])
+                _sh(ipt + ["-A", "INPUT", "-i", "wan0", "-j", "DROP"])
         except BaseException:
             self._drop(r)
             raise

@@ -44,7 +44,7 @@
 #define MAIN_PORT 6881
 #define RELAY_PORT 7000
 #define T0 1000000u
-#define IP4(a, b, c, d)                                                                            \
+#define IP4(a, b, c, d) \
     ((uint32_t)(a) << 24 | (uint32_t)(b) << 16 | (uint32_t)(c) << 8 | (uint32_t)(d))
 #define D_IP IP4(203, 0, 113, 1)
 #define A_IP IP4(198, 51, 100, 10)
@@ -110,8 +110,8 @@ struct host {
     } sock[MAXSOCK];
     int nsock;
     /* the NAT */
-    int32_t rev[65536];       /* external port -> socket (none, easy) or mapping (hard) */
-    uint16_t eim[MAXSOCK];    /* easy: each socket's external port */
+    int32_t rev[65536];         /* external port -> socket (none, easy) or mapping (hard) */
+    uint16_t eim[MAXSOCK];      /* easy: each socket's external port */
     struct mapping map[MAXMAP]; /* hard */
     int nmap;
     uint64_t sent[SENT_SLOTS]; /* easy: (socket, IP, port) sent to; 0 empty */
@@ -119,17 +119,17 @@ struct host {
     /* behaviour */
     struct dg_hp *hp;
     uint64_t next_tick, last_wait;
-    uint64_t period;  /* > 0: ticks only every period ms (a coarse timer), not after input */
-    int is_rdv;       /* the rendezvous: its destinations are checked */
-    int serves;       /* serves KEY */
-    int relay_on;     /* relay_expect answers RELAY_PORT */
-    int no_contact;   /* announced_from() says nothing */
-    int drop_in;      /* everything arriving is lost */
-    int drop_probes;  /* probes in both directions are lost */
-    int mute_probes;  /* probes it sends are lost */
+    uint64_t period;   /* > 0: ticks only every period ms (a coarse timer), not after input */
+    int is_rdv;        /* the rendezvous: its destinations are checked */
+    int serves;        /* serves KEY */
+    int relay_on;      /* relay_expect answers RELAY_PORT */
+    int no_contact;    /* announced_from() says nothing */
+    int drop_in;       /* everything arriving is lost */
+    int drop_probes;   /* probes in both directions are lost */
+    int mute_probes;   /* probes it sends are lost */
     uint32_t rdv_only; /* responder: PUNCHes only from this IP (0: any) */
-    int reconnect;    /* failed() calls dg_hp_connect again, in relay mode */
-    int max_paths;    /* open_paths gives at most this many (0: all asked) */
+    int reconnect;     /* failed() calls dg_hp_connect again, in relay mode */
+    int max_paths;     /* open_paths gives at most this many (0: all asked) */
     uint32_t watch_ip; /* probes sent from path 0 to this IP are counted by port */
     uint16_t port_count[65536];
     /* what happened */
@@ -420,7 +420,8 @@ static void do_tick(struct host *h)
 
 static int is_probe(const uint8_t *buf, size_t len)
 {
-    return len > DG_HP_MAGIC_LEN && dg_hp_is_packet(buf, len) && buf[DG_HP_MAGIC_LEN] == DG_HP_PROBE;
+    return len > DG_HP_MAGIC_LEN && dg_hp_is_packet(buf, len) &&
+           buf[DG_HP_MAGIC_LEN] == DG_HP_PROBE;
 }
 
 static struct host *host_at(struct net *n, uint32_t ip)
@@ -683,8 +684,7 @@ static enum dg_nat_class class_of(enum kind k)
 }
 
 /* A host at @p ip behind a NAT of kind @p k; @p with_hp 0 makes a raw host. */
-static struct host *host_new(struct net *n, const char *name, enum kind k, uint32_t ip,
-                             int with_hp)
+static struct host *host_new(struct net *n, const char *name, enum kind k, uint32_t ip, int with_hp)
 {
     struct host *h = calloc(1, sizeof(*h));
 
@@ -1047,8 +1047,8 @@ static void test_matrix_punch(void **state)
                 assert_int_equal(w.a->punched + w.b->punched, 0);
                 assert_int_equal(w.a->opened + w.b->opened, 0); /* nobody punches */
             } else {
-                print_message("B %s, A %s: punched after %llu ms\n", kind_name[bk],
-                              kind_name[ak], (unsigned long long)(w.n->now - start));
+                print_message("B %s, A %s: punched after %llu ms\n", kind_name[bk], kind_name[ak],
+                              (unsigned long long)(w.n->now - start));
                 assert_int_equal(w.b->failed, 0);
                 assert_int_equal(w.b->punched, 1);
                 assert_int_equal(w.a->punched, 1);
@@ -1352,18 +1352,16 @@ static void test_paths_closed_on_free(void **state)
 
 static void test_malformed(void **state)
 {
-#define BAD(s) {s, sizeof(s) - 1}
     static const struct {
         const char *s;
         size_t len;
     } bad[] = {
-        BAD("DGH1"),                                /* no type */
-        BAD("DGH1\x08"),                            /* no nonce */
-        BAD("DGH1\x00xxxxxxxxxxxxxxxx"),            /* type 0 */
-        BAD("DGH1\x08yyyyyyyyyyyyyyyy\x02"),        /* a PROBE without its flags */
-        BAD("DGH1\x63zzzzzzzzzzzzzzzz\x01\x02\x03"), /* type 99 */
+        {"DGH1", 4},                                  /* no type */
+        {"DGH1\x08", 5},                              /* no nonce */
+        {"DGH1\x00xxxxxxxxxxxxxxxx", 21},             /* type 0 */
+        {"DGH1\x08yyyyyyyyyyyyyyyy\x02", 22},         /* a PROBE without its flags */
+        {"DGH1\x63zzzzzzzzzzzzzzzz\x01\x02\x03", 24}, /* type 99 */
     };
-#undef BAD
     struct sockaddr_in from = sin4(ATT_IP, 1234);
 
     (void)state;
@@ -1378,9 +1376,8 @@ static void test_malformed(void **state)
     assert_int_equal(dg_hp_input(w.a->hp, 0, (const uint8_t *)"d1:ad2:id", 9,
                                  (struct sockaddr *)&from, w.n->now),
                      0);
-    assert_int_equal(dg_hp_input(w.a->hp, 0, (const uint8_t *)"DG", 2, (struct sockaddr *)&from,
-                                 w.n->now),
-                     0);
+    assert_int_equal(
+        dg_hp_input(w.a->hp, 0, (const uint8_t *)"DG", 2, (struct sockaddr *)&from, w.n->now), 0);
     assert_int_equal(stats(w.a).malformed, 5);
     /* well-formed, but for no session: ignored, unanswered */
     struct dg_hp_msg m;
@@ -1402,9 +1399,9 @@ static void test_malformed(void **state)
     world_end();
 }
 
-/* Sends @p m (its nonce replaced by @p nonce when given) from (ip, port) to (dip, MAIN_PORT). */
-static void inject_msg(struct dg_hp_msg *m, const uint8_t *nonce, uint32_t ip, uint16_t port,
-                       uint32_t dip)
+/* Sends @p m (its nonce replaced by @p nonce when given) from (ip, port) to (dip, dport). */
+static void inject_to(struct dg_hp_msg *m, const uint8_t *nonce, uint32_t ip, uint16_t port,
+                      uint32_t dip, uint16_t dport)
 {
     uint8_t buf[DG_HP_MAX_MESSAGE];
     int n;
@@ -1413,7 +1410,13 @@ static void inject_msg(struct dg_hp_msg *m, const uint8_t *nonce, uint32_t ip, u
         memcpy(m->nonce, nonce, DG_HP_NONCE_LEN);
     n = dg_hp_format(m, buf, sizeof(buf));
     assert_true(n > 0);
-    net_inject(w.n, ip, port, buf, (size_t)n, dip, MAIN_PORT);
+    net_inject(w.n, ip, port, buf, (size_t)n, dip, dport);
+}
+
+static void inject_msg(struct dg_hp_msg *m, const uint8_t *nonce, uint32_t ip, uint16_t port,
+                       uint32_t dip)
+{
+    inject_to(m, nonce, ip, port, dip, MAIN_PORT);
 }
 
 static void test_wrong_sources(void **state)
@@ -1481,6 +1484,88 @@ static void test_wrong_sources(void **state)
     assert_int_equal(w.b->failed, 1);
     assert_int_equal(w.b->why, DG_HP_FAIL_REFUSED);
     assert_int_equal(w.b->sent_type[DG_HP_PROBE], 0);
+    world_end();
+}
+
+/* A PROBE is answered at once, from the socket it came in on, and only if it is no reply:
+ * B is scripted by hand here, facing a hard A that opened its birthday sockets. */
+static void test_probe_answered(void **state)
+{
+    struct dg_hp_msg m, r;
+    struct sockaddr_in target = sin4(A_IP, MAIN_PORT);
+    uint16_t port = 0;
+    int probes = 0;
+
+    (void)state;
+    world_start(K_NONE, K_HARD, 1201);
+    struct host *vic = host_new(w.n, "scripted B", K_NONE, VIC_IP, 0);
+    fill_msg(&m, DG_HP_CONNECT, 0);
+    memcpy(&m.addr, &target, sizeof(target));
+    m.mode = DG_HP_MODE_PUNCH;
+    m.nat = DG_NAT_EASY;
+    memset(m.cookie, 0, sizeof(m.cookie));
+    inject_msg(&m, NULL, VIC_IP, MAIN_PORT, D_IP);
+    run(w.n, 100, NULL);
+    assert_int_equal(vic->ncap, 1);
+    assert_int_equal(dg_hp_parse(vic->cap[0].buf, vic->cap[0].len, &r), 0);
+    assert_int_equal(r.type, DG_HP_COOKIE);
+    memcpy(m.cookie, r.cookie, DG_HP_COOKIE_LEN);
+    inject_msg(&m, NULL, VIC_IP, MAIN_PORT, D_IP);
+    run(w.n, 200, NULL);
+    /* D's CONNECT_ACK, and A's first round: one probe from each socket */
+    for (size_t i = 1; i < vic->ncap; i++) {
+        assert_int_equal(dg_hp_parse(vic->cap[i].buf, vic->cap[i].len, &r), 0);
+        if (r.type != DG_HP_PROBE)
+            continue;
+        assert_int_equal(vic->cap[i].sip, A_IP);
+        assert_int_equal(r.flags, 0);
+        if (++probes == 100)
+            port = vic->cap[i].sport;
+    }
+    assert_int_equal(probes, DG_HP_BIRTHDAY_SOCKETS + 1);
+    int sock = w.a->map[w.a->rev[port]].sock;
+    assert_true(sock > 0);
+
+    /* B's probe reaches A through one of those mappings: answered from it, at once. */
+    size_t before = vic->ncap;
+    fill_msg(&m, DG_HP_PROBE, 0);
+    m.flags = 0;
+    inject_to(&m, NULL, VIC_IP, MAIN_PORT, A_IP, port);
+    run(w.n, 50, NULL);
+    assert_int_equal(vic->ncap, before + 1);
+    assert_int_equal(dg_hp_parse(vic->cap[before].buf, vic->cap[before].len, &r), 0);
+    assert_int_equal(r.type, DG_HP_PROBE);
+    assert_int_equal(r.flags, DG_HP_PROBE_REPLY);
+    assert_int_equal(r.nat, DG_NAT_HARD);
+    assert_int_equal(vic->cap[before].sip, A_IP);
+    assert_int_equal(vic->cap[before].sport, port);
+    assert_int_equal(w.a->punched, 1);
+    assert_int_equal(w.a->punched_path, sock);
+    assert_int_equal(w.a->punched_ip, VIC_IP);
+    assert_int_equal(w.a->punched_port, MAIN_PORT);
+    assert_int_equal(w.a->closed, DG_HP_BIRTHDAY_SOCKETS - 1);
+
+    /* A reply is not answered; a late probe is, from the same socket. */
+    m.flags = DG_HP_PROBE_REPLY;
+    inject_to(&m, NULL, VIC_IP, MAIN_PORT, A_IP, port);
+    run(w.n, 50, NULL);
+    assert_int_equal(vic->ncap, before + 1);
+    m.flags = 0;
+    inject_to(&m, NULL, VIC_IP, MAIN_PORT, A_IP, port);
+    run(w.n, 50, NULL);
+    assert_int_equal(vic->ncap, before + 2);
+    assert_int_equal(vic->cap[before + 1].sport, port);
+    /* ...but not on a socket that is neither the main one nor the punched one. */
+    uint8_t buf[DG_HP_MAX_MESSAGE];
+    int n = dg_hp_format(&m, buf, sizeof(buf));
+    int stray = sock_open(w.a);
+    uint64_t sends = w.a->sends, ignored = stats(w.a).ignored;
+    struct sockaddr_in from = sin4(VIC_IP, MAIN_PORT);
+    assert_int_equal(
+        dg_hp_input(w.a->hp, stray, buf, (size_t)n, (struct sockaddr *)&from, w.n->now), 1);
+    assert_int_equal(w.a->sends, sends);
+    assert_int_equal(stats(w.a).ignored, ignored + 1);
+    w.a->sock[stray].open = 0;
     world_end();
 }
 
@@ -1674,8 +1759,7 @@ static void test_responder_limits(void **state)
     int n = dg_hp_format(&m, buf, sizeof(buf));
     net_inject(w.n, ATT_IP, MAIN_PORT, buf, (size_t)n, A_IP, MAIN_PORT);
     run(w.n, 50, NULL);
-    assert_int_equal(dg_hp_parse(att->cap[att->ncap - 1].buf, att->cap[att->ncap - 1].len, &r),
-                     0);
+    assert_int_equal(dg_hp_parse(att->cap[att->ncap - 1].buf, att->cap[att->ncap - 1].len, &r), 0);
     assert_int_equal(r.type, DG_HP_PUNCH_REJECT);
     assert_int_equal(r.reason, DG_HP_FAIL_REFUSED);
     /* while B, through D, still gets through */
@@ -1714,7 +1798,8 @@ struct solo {
     int n;
 };
 
-static void solo_send(void *arg, int path, const uint8_t *buf, size_t len, const struct sockaddr *to)
+static void solo_send(void *arg, int path, const uint8_t *buf, size_t len,
+                      const struct sockaddr *to)
 {
     struct solo *s = arg;
 
@@ -1845,6 +1930,7 @@ int main(void)
         cmocka_unit_test(test_paths_closed_on_free),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_wrong_sources),
+        cmocka_unit_test(test_probe_answered),
         cmocka_unit_test(test_reentrant_connect),
         cmocka_unit_test(test_connect_errors),
         cmocka_unit_test(test_coarse_timer),

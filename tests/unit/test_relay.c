@@ -708,13 +708,16 @@ static void test_close_flushes(void **state)
     struct client *a, *b;
 
     start_relay(lab, 4, 0);
-    dg_relay_set_timeouts_for_test(lab->relay, 0, 300);
     pair(lab, 0, 1, 1);
     a = &lab->c[0];
     b = &lab->c[1];
     client_read(b, 0);
     client_send(a, 32 * MIB);
-    /* a stalls, so the stream goes idle: a is closed at once, b once its queue is written. */
+    /* a stalls (the relay has bytes queued to b); with a short idle time the stream ends: a is
+     * closed at once, b once its queue is written. */
+    RUN_UNTIL(lab, stalled(lab, a));
+    assert_true(stalled(lab, a));
+    dg_relay_set_timeouts_for_test(lab->relay, 0, 300);
     RUN_UNTIL(lab, a->ended);
     assert_true(a->ended);
     assert_int_equal(st(lab).streams, 0);
@@ -808,10 +811,12 @@ static void test_stop_with_streams(void **state)
 
     /* A closing stream whose end still has bytes queued: the writer stalls, the stream goes
      * idle, the relay shuts the reader's end down behind its queue. */
-    dg_relay_set_timeouts_for_test(lab->relay, 0, 300);
     pair(lab, 0, 1, 1);
     client_read(&lab->c[1], 0);
     client_send(&lab->c[0], 32 * MIB);
+    RUN_UNTIL(lab, stalled(lab, &lab->c[0]));
+    assert_true(stalled(lab, &lab->c[0]));
+    dg_relay_set_timeouts_for_test(lab->relay, 0, 300);
     RUN_UNTIL(lab, lab->c[0].ended);
     assert_true(lab->c[0].ended);
     assert_true(st(lab).buffered > 0);

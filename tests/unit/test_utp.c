@@ -94,6 +94,7 @@ struct link {
     uint64_t delay, jitter;
     uint64_t rate, qlimit, free_at; /* bottleneck: bytes per second, most queued (us) */
     int down;
+    int strip_sack; /* remove extensions from STATEs: a peer without selective ACKs */
 };
 
 /* Sees every datagram: < 0 drops it, else delays it that many more microseconds. */
@@ -288,6 +289,13 @@ static void sim_send(void *arg, int path, const uint8_t *buf, size_t len, const 
     l = &sim->link[src->id][dst->id];
     if (l->down || rnd(sim) < l->loss)
         return;
+    if (l->strip_sack && ptype(buf) == T_STATE && buf[1]) {
+        static uint8_t bare[DG_UTP_HEADER_LEN];
+        memcpy(bare, buf, DG_UTP_HEADER_LEN);
+        bare[1] = 0;
+        buf = bare;
+        len = DG_UTP_HEADER_LEN;
+    }
     if (l->rate) {
         uint64_t start = l->free_at > sim->now ? l->free_at : sim->now;
         if (start - sim->now > l->qlimit)
@@ -664,6 +672,35 @@ static void report(const char *what, uint64_t bytes, uint64_t us)
            (double)us / SEC, (double)bytes / 1024.0 / ((double)us / SEC));
 }
 
+static size_t make_packet(uint8_t *p, int type, uint16_t conn, uint16_t seq, uint16_t ack)
+{
+    memset(p, 0, DG_UTP_HEADER_LEN);
+    p[0] = (uint8_t)(type << 4 | 1);
+    p[2] = (uint8_t)(conn >> 8);
+    p[3] = (uint8_t)conn;
+    p[12] = 0x00;
+    p[13] = 0x10; /* window 1 MiB */
+    p[16] = (uint8_t)(seq >> 8);
+    p[17] = (uint8_t)seq;
+    p[18] = (uint8_t)(ack >> 8);
+    p[19] = (uint8_t)ack;
+    return DG_UTP_HEADER_LEN;
+}
+
+static int inject(struct sim *sim, int to, const struct sockaddr_in *from, const uint8_t *buf,
+                  size_t len)
+{
+    /* An exact-size copy, so ASan sees any read past the end. */
+    uint8_t *copy = malloc(len ? len : 1);
+    int rc;
+
+    assert_non_null(copy);
+    memcpy(copy, buf, len);
+    rc = dg_utp_input(sim->nodes[to].u, 0, copy, len, (const struct sockaddr *)from, sim->now);
+    free(copy);
+    return rc;
+}
+
 /* ---- tests ---- */
 
 static void test_connect_echo(void **state)
@@ -943,6 +980,123 @@ static void test_tail_loss_probe(void **state)
     /* Flights at 0 and 100 ms, the ACK at 200 ms, the probe two RTTs later: about 520 ms,
      * where the RTO (at least 500 ms after that ACK) would give 800 ms. */
     assert_true(sim->now - t0 < 650 * MS);
+    sim_free(sim);
+}
+
+/* A peer that sends no selective ACKs: losses are found by three duplicate ACKs (and the
+ * probe and the RTO); the transfer completes. */
+static void test_peer_without_sack(void **state)
+{
+    struct sim *sim = sim_new(29, 2, 0);
+    uint64_t took;
+    struct dg_utp_stats st;
+
+    (void)state;
+    sim_links(sim, 0.03, 20 * MS, 0, 0);
+    sim->link[1][0].strip_sack = 1;
+    took = transfer(sim, 2 * MIB, 0, 600 * SEC);
+    dg_utp_get_stats(sim->nodes[0].u, &st);
+    report("2 MiB to a peer without SACK, 3% loss, 20 ms delay", 2 * MIB, took);
+    assert_true(st.retransmits > 0);
+    /* About 14 s. An RTO inflated by RTT samples taken across a filled hole crawls for ever;
+     * one that keeps its backoff after progress takes 32 s. */
+    assert_true(took < 25 * SEC);
+    sim_free(sim);
+}
+
+/* A peer without SACK behind a 1 MB/s bottleneck: packets arrive one by one and each gets its
+ * ACK, so a lost one shows as three duplicate ACKs and is resent at once, with no timeout
+ * (the tail-loss probe would only send new data, and the RTO would follow). */
+static long drop_30th(struct sim *sim, int from, int to, const uint8_t *buf, size_t len)
+{
+    int *n = sim->spy_arg;
+    (void)to;
+    (void)len;
+    if (from == 0 && ptype(buf) == T_DATA && ++*n == 30)
+        return -1;
+    return 0;
+}
+
+static void test_duplicate_acks(void **state)
+{
+    struct sim *sim = sim_new(31, 2, 0);
+    struct dg_utp_stats st;
+    int n = 0;
+
+    (void)state;
+    sim_links(sim, 0, 10 * MS, 0, 0);
+    sim->link[0][1].rate = 1000000;
+    sim->link[0][1].qlimit = 3 * SEC;
+    sim->link[1][0].strip_sack = 1;
+    sim->spy = drop_30th;
+    sim->spy_arg = &n;
+    transfer(sim, 300000, 0, 60 * SEC);
+    dg_utp_get_stats(sim->nodes[0].u, &st);
+    assert_int_equal(st.timeouts, 0);
+    assert_int_equal(st.retransmits, 1);
+    sim_free(sim);
+}
+
+/* The peer answers (keep-alives) but never acknowledges our data: after 8 RTOs in a row the
+ * connection gives up with -ETIMEDOUT and resets, although it was never silent for the idle
+ * timeout. */
+struct last_from_b {
+    uint8_t pkt[DG_UTP_HEADER_LEN];
+    int have, resets_from_a;
+};
+
+static long watch_b(struct sim *sim, int from, int to, const uint8_t *buf, size_t len)
+{
+    struct last_from_b *l = sim->spy_arg;
+    (void)to;
+    (void)len;
+    if (from == 1) {
+        memcpy(l->pkt, buf, DG_UTP_HEADER_LEN);
+        l->have = 1;
+    }
+    if (from == 0 && ptype(buf) == T_RESET)
+        l->resets_from_a++;
+    return 0;
+}
+
+static void test_no_progress_gives_up(void **state)
+{
+    struct sim *sim = sim_new(30, 2, 0);
+    struct last_from_b l;
+    struct conn *a;
+    uint64_t t0;
+    struct dg_utp_stats st;
+
+    (void)state;
+    memset(&l, 0, sizeof(l));
+    sim->spy = watch_b;
+    sim->spy_arg = &l;
+    sim_links(sim, 0, 10 * MS, 0, 0);
+    a = sim_connect(sim, 0, 1, 0, 0);
+    assert_true(sim_run(sim, 5 * SEC, cond_connected, a));
+    sim_run(sim, 1 * SEC, NULL, NULL);
+    assert_true(l.have);
+    sim->link[0][1].down = 1; /* our data never arrives */
+    sim->link[1][0].down = 1; /* node 1's own answers neither: we play it */
+    a->to_send = 100000;
+    a->tx_key = 1;
+    t0 = sim->now;
+    while (!a->ended && sim->now - t0 < 400 * SEC) {
+        uint64_t next = sim->now + 10 * SEC;
+        uint8_t p[DG_UTP_HEADER_LEN];
+        memcpy(p, l.pkt, sizeof(p));
+        p[0] = T_STATE << 4 | 1;
+        p[1] = 0;
+        assert_int_equal(inject(sim, 0, &sim->nodes[1].addr, p, sizeof(p)), 1);
+        while (!a->ended && sim->now < next)
+            sim_step(sim);
+    }
+    assert_true(a->ended);
+    assert_int_equal(a->err, -ETIMEDOUT);
+    assert_true(a->end_at - t0 > DG_UTP_IDLE_TIMEOUT_US);
+    assert_int_equal(l.resets_from_a, 1);
+    dg_utp_get_stats(sim->nodes[0].u, &st);
+    assert_int_equal(st.timeouts, 9);
     sim_free(sim);
 }
 
@@ -1238,35 +1392,6 @@ static long watch_ids(struct sim *sim, int from, int to, const uint8_t *buf, siz
     return 0;
 }
 
-static size_t make_packet(uint8_t *p, int type, uint16_t conn, uint16_t seq, uint16_t ack)
-{
-    memset(p, 0, DG_UTP_HEADER_LEN);
-    p[0] = (uint8_t)(type << 4 | 1);
-    p[2] = (uint8_t)(conn >> 8);
-    p[3] = (uint8_t)conn;
-    p[12] = 0x00;
-    p[13] = 0x10; /* window 1 MiB */
-    p[16] = (uint8_t)(seq >> 8);
-    p[17] = (uint8_t)seq;
-    p[18] = (uint8_t)(ack >> 8);
-    p[19] = (uint8_t)ack;
-    return DG_UTP_HEADER_LEN;
-}
-
-static int inject(struct sim *sim, int to, const struct sockaddr_in *from, const uint8_t *buf,
-                  size_t len)
-{
-    /* An exact-size copy, so ASan sees any read past the end. */
-    uint8_t *copy = malloc(len ? len : 1);
-    int rc;
-
-    assert_non_null(copy);
-    memcpy(copy, buf, len);
-    rc = dg_utp_input(sim->nodes[to].u, 0, copy, len, (const struct sockaddr *)from, sim->now);
-    free(copy);
-    return rc;
-}
-
 static void test_malformed(void **state)
 {
     struct sim *sim = sim_new(16, 2, 0);
@@ -1353,6 +1478,16 @@ static void test_malformed(void **state)
     dg_utp_get_stats(sim->nodes[1].u, &st);
     assert_int_equal(st.malformed, st0.malformed + 7);
     assert_int_equal(st.unknown, st0.unknown);
+    /* Data far past the receive buffer's 1024 packets: dropped (and counted), not held. */
+    struct dg_utp_sock_info bi;
+    dg_utp_sock_get_info(b->s, &bi);
+    n = make_packet(p, T_DATA, ids.a_to_b_conn, (uint16_t)(ids.b_ack + 1500),
+                    (uint16_t)(ids.b_seq - 1));
+    assert_int_equal(inject(sim, 1, from, p, n + 100), 1);
+    dg_utp_get_stats(sim->nodes[1].u, &st);
+    assert_int_equal(st.dropped, st0.dropped + 1);
+    dg_utp_sock_get_info(b->s, &bi);
+    assert_true(bi.recv_held < DG_UTP_RECV_BUFFER);
 
     /* A packet for no connection gets a RESET; a RESET for none gets nothing. */
     uint64_t sent = sim->nodes[1].sent_by_path[0];
@@ -1687,6 +1822,9 @@ int main(void)
         cmocka_unit_test(test_reorder_duplicate),
         cmocka_unit_test(test_sack_fast_retransmit),
         cmocka_unit_test(test_tail_loss_probe),
+        cmocka_unit_test(test_peer_without_sack),
+        cmocka_unit_test(test_duplicate_acks),
+        cmocka_unit_test(test_no_progress_gives_up),
         cmocka_unit_test(test_refused),
         cmocka_unit_test(test_connect_timeout),
         cmocka_unit_test(test_remote_dies),
