@@ -1190,6 +1190,21 @@ int dg_dht_external_addr(const struct dg_dht *d, struct sockaddr_storage *out)
     return 0;
 }
 
+int dg_dht_announced_to(const struct dg_dht *d, const struct sockaddr *node, uint64_t now_ms)
+{
+    struct dg_dht_compact c;
+    int len = dg_dht_addr_to_compact(node, c.bytes);
+
+    if (len < 0 || (size_t)len != d->clen)
+        return 0;
+    c.len = (uint8_t)len;
+    for (size_t i = 0; i < d->nkeepalives; i++)
+        if (compact_eq(&d->keepalives[i].addr, &c) &&
+            elapsed(now_ms, d->keepalives[i].announced_ms) < DG_DHT_KEEPALIVE_FOR_MS)
+            return 1;
+    return 0;
+}
+
 void dg_dht_set_keepalive(struct dg_dht *d, uint64_t interval_ms)
 {
     d->keepalive_ms = interval_ms;

@@ -244,6 +244,11 @@ int dg_dht_external_addr(const struct dg_dht *d, struct sockaddr_storage *out);
  * open and the node can pass us a hole-punching request (engine/holepunch.h). Off at start. */
 void dg_dht_set_keepalive(struct dg_dht *d, uint64_t interval_ms);
 
+/* Whether @p node took one of our announces in the last DG_DHT_KEEPALIVE_FOR_MS (it is one of
+ * the latest DG_DHT_KEEPALIVE_NODES such nodes): only those may act as our rendezvous.
+ * @return 1 or 0. */
+int dg_dht_announced_to(const struct dg_dht *d, const struct sockaddr *node, uint64_t now_ms);
+
 /* How our address looks to the nodes that reported it (the "ip" of their replies, the last
  * DG_DHT_MAPPING_FRESH_MS): the basis of NAT classification (RFC 4787). */
 struct dg_dht_mapping {

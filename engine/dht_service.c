@@ -859,6 +859,11 @@ void dg_dht_service_set_keepalive(struct dg_dht_service *s, uint64_t interval_ms
     kick(s);
 }
 
+int dg_dht_service_announced_to(struct dg_dht_service *s, const struct sockaddr *node)
+{
+    return dg_dht_announced_to(s->dht, node, now_ms(s));
+}
+
 void dg_dht_service_mapping(struct dg_dht_service *s, struct dg_dht_mapping *out)
 {
     dg_dht_mapping(s->dht, now_ms(s), out);

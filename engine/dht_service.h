@@ -157,6 +157,9 @@ int dg_dht_service_send(struct dg_dht_service *s, const uint8_t *buf, size_t len
  * our announces open. 0: off. */
 void dg_dht_service_set_keepalive(struct dg_dht_service *s, uint64_t interval_ms);
 
+/* Whether @p node took one of our announces lately (see dg_dht_announced_to()). */
+int dg_dht_service_announced_to(struct dg_dht_service *s, const struct sockaddr *node);
+
 /* How our address looks to the nodes that reported it (see dg_dht_mapping()). */
 void dg_dht_service_mapping(struct dg_dht_service *s, struct dg_dht_mapping *out);
 

@@ -1207,7 +1207,8 @@ static void resp_punch(struct dg_hp *hp, const struct dg_hp_msg *m, const struct
         struct sockaddr_storage rs;
         relay.port = m->relay_port;
         addr_to_ss(&relay, &rs);
-        hp->ops.relay(hp->arg, m->key, 0, (const struct sockaddr *)&rs, m->nonce);
+        hp->ops.relay(hp->arg, m->key, 0, (const struct sockaddr *)&rs,
+                      (const struct sockaddr *)&m->addr, m->nonce);
     }
 }
 
@@ -1266,8 +1267,11 @@ static void init_answer(struct dg_hp *hp, const struct dg_hp_msg *m, const struc
         addr_to_ss(&relay, &rs);
         end_session(hp, s, 0);
         hp->st.relayed++;
+        struct sockaddr_storage ts;
+        addr_to_ss(&s->target, &ts);
         if (hp->ops.relay)
-            hp->ops.relay(hp->arg, s->key, 1, (const struct sockaddr *)&rs, s->nonce);
+            hp->ops.relay(hp->arg, s->key, 1, (const struct sockaddr *)&rs,
+                          (const struct sockaddr *)&ts, s->nonce);
         return;
     }
     enum how how = pick(s->nat, m->nat);

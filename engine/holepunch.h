@@ -188,9 +188,10 @@ struct dg_hp_ops {
     void (*punched)(void *arg, const uint8_t key[20], int initiator, int path,
                     const struct sockaddr *peer);
     /* Relay mode: connect by TCP to @p relay (the rendezvous's address, with the relay port)
-     * and send the relay preamble with @p nonce; @p initiator as in punched. */
+     * and send the relay preamble with @p nonce; @p initiator as in punched. @p peer: the other
+     * end (at B the target; at A, B's address as the rendezvous saw it). */
     void (*relay)(void *arg, const uint8_t key[20], int initiator, const struct sockaddr *relay,
-                  const uint8_t nonce[DG_HP_NONCE_LEN]);
+                  const struct sockaddr *peer, const uint8_t nonce[DG_HP_NONCE_LEN]);
     /* Initiator only: session @p target for @p key failed. */
     void (*failed)(void *arg, const uint8_t key[20], const struct sockaddr *target,
                    enum dg_hp_failure why);
@@ -229,7 +230,7 @@ int dg_hp_is_packet(const uint8_t *buf, size_t len);
 
 /* Makes the context. @p ops and @p arg are kept; @p seed seeds nonces, cookies and spray ports
  * through a keyed hash (use real randomness outside tests: nonces must not be guessable).
- * @return 0 or -ENOMEM. */
+ * @return 0, -EINVAL (no ops or no ops->send) or -ENOMEM. */
 int dg_hp_new(const struct dg_hp_ops *ops, void *arg, uint64_t seed, struct dg_hp **out);
 
 /* Frees everything at once: no callbacks, nothing sent; extra paths still held by sessions

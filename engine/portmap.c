@@ -36,6 +36,12 @@ struct job {
 struct dg_portmap {
     uv_loop_t *loop;
     uv_timer_t timer;
+    uv_timer_t watch;  /* looks at the interfaces' addresses (network changes) */
+    uv_udp_t announce; /* NAT-PMP announcements of a router that restarted (224.0.0.1:5350) */
+    int handles;       /* open handles; the last close frees */
+    int listening;     /* @c announce is bound */
+    int again;         /* a change came while a job ran: map again when it ends */
+    uint64_t net_hash; /* of the interfaces' addresses, 0 before the first look */
     struct dg_portmap_config cfg;
     struct dg_portmap_state st;
     char upnp_control[512], upnp_service[256], upnp_lan[64];
@@ -208,7 +214,17 @@ static void job_work(uv_work_t *w)
 
 static void pm_closed(uv_handle_t *h)
 {
-    free(h->data);
+    struct dg_portmap *pm = h->data;
+
+    if (--pm->handles == 0)
+        free(pm);
+}
+
+static void close_all(struct dg_portmap *pm)
+{
+    uv_close((uv_handle_t *)&pm->timer, pm_closed);
+    uv_close((uv_handle_t *)&pm->watch, pm_closed);
+    uv_close((uv_handle_t *)&pm->announce, pm_closed);
 }
 
 static void schedule(struct dg_portmap *pm, uint64_t ms);
@@ -241,11 +257,16 @@ static void job_done(uv_work_t *w, int status)
         /* Stopping: a mapping just made or renewed is removed; then everything goes. */
         if (kind == JOB_MAP && pm->st.mapped && queue_job(pm, JOB_UNMAP) == 0)
             return;
-        uv_close((uv_handle_t *)&pm->timer, pm_closed);
+        close_all(pm);
         return;
     }
     uint32_t life = pm->lifetime_s ? pm->lifetime_s : DG_PORTMAP_LEASE_S;
-    schedule(pm, pm->st.mapped ? (uint64_t)life * 1000 / 2 : DG_PORTMAP_RETRY_MS);
+    uint64_t renew = (uint64_t)life * 1000 / 2;
+    if (renew > DG_PORTMAP_VERIFY_MS)
+        renew = DG_PORTMAP_VERIFY_MS; /* the router may have lost it: ask again */
+    int again = pm->again;
+    pm->again = 0;
+    schedule(pm, again ? 0 : pm->st.mapped ? renew : DG_PORTMAP_RETRY_MS);
 }
 
 static int queue_job(struct dg_portmap *pm, enum job_kind kind)
@@ -284,6 +305,90 @@ static void schedule(struct dg_portmap *pm, uint64_t ms)
     uv_timer_start(&pm->timer, on_timer, ms, 0);
 }
 
+/* Something changed: map again now (or as soon as the running job ends). */
+static void remap(struct dg_portmap *pm, const char *why)
+{
+    if (pm->stopping)
+        return;
+    dg_log(DG_LOG_INFO, "portmap", "%s: mapping the port again", why);
+    if (pm->busy)
+        pm->again = 1;
+    else
+        schedule(pm, 0);
+}
+
+/* A hash of the interfaces' IPv4 addresses and names: it changes when the network does. */
+static uint64_t network_hash(void)
+{
+    uv_interface_address_t *ifs;
+    int n;
+    uint64_t h = 1469598103934665603ull;
+
+    if (uv_interface_addresses(&ifs, &n) < 0)
+        return 0;
+    for (int i = 0; i < n; i++) {
+        if (ifs[i].address.address4.sin_family != AF_INET || ifs[i].is_internal)
+            continue;
+        const uint8_t *p = (const uint8_t *)&ifs[i].address.address4.sin_addr;
+        for (int k = 0; k < 4; k++)
+            h = (h ^ p[k]) * 1099511628211ull;
+        for (const char *c = ifs[i].name; *c; c++)
+            h = (h ^ (uint8_t)*c) * 1099511628211ull;
+    }
+    uv_free_interface_addresses(ifs, n);
+    return h ? h : 1;
+}
+
+static void on_watch(uv_timer_t *t)
+{
+    struct dg_portmap *pm = t->data;
+    uint64_t h = network_hash();
+
+    if (pm->net_hash && h != pm->net_hash)
+        remap(pm, "the network changed");
+    pm->net_hash = h;
+}
+
+static void announce_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    static char space[64]; /* loop thread only; read at once */
+
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(space, sizeof(space));
+}
+
+/* A router that restarts or gets a new public address multicasts to 224.0.0.1:5350 a NAT-PMP
+ * public address response (RFC 6886 3.2.1: version 0, opcode 128) or a PCP ANNOUNCE response
+ * (RFC 6887 14.1: version 2, R bit set, opcode 0; what miniupnpd sends). Our mapping may be
+ * gone then. */
+static void on_announce(uv_udp_t *h, ssize_t n, const uv_buf_t *buf, const struct sockaddr *from,
+                        unsigned flags)
+{
+    struct dg_portmap *pm = h->data;
+    const uint8_t *p = (const uint8_t *)buf->base;
+
+    (void)flags;
+    if (n < 12 || !from || !((p[0] == 0 && p[1] == 128) || (p[0] == 2 && p[1] == 0x80)))
+        return;
+    remap(pm, "the router announced a restart or a new address (NAT-PMP)");
+}
+
+/* Listens for NAT-PMP announcements; without them (port taken, no multicast route) the
+ * periodic check still finds a lost mapping. */
+static void listen_announcements(struct dg_portmap *pm)
+{
+    struct sockaddr_in any = {.sin_family = AF_INET, .sin_port = htons(5350)};
+
+    if (uv_udp_bind(&pm->announce, (const struct sockaddr *)&any, UV_UDP_REUSEADDR) < 0 ||
+        uv_udp_set_membership(&pm->announce, "224.0.0.1", NULL, UV_JOIN_GROUP) < 0 ||
+        uv_udp_recv_start(&pm->announce, announce_alloc, on_announce) < 0) {
+        dg_log(DG_LOG_DEBUG, "portmap", "not listening for NAT-PMP announcements");
+        return;
+    }
+    pm->listening = 1;
+}
+
 int dg_portmap_start(uv_loop_t *loop, const struct dg_portmap_config *cfg, struct dg_portmap **out)
 {
     struct dg_portmap *pm = calloc(1, sizeof(*pm));
@@ -294,7 +399,14 @@ int dg_portmap_start(uv_loop_t *loop, const struct dg_portmap_config *cfg, struc
     pm->cfg = *cfg;
     pm->st.method = "";
     uv_timer_init(loop, &pm->timer);
-    pm->timer.data = pm;
+    uv_timer_init(loop, &pm->watch);
+    uv_udp_init(loop, &pm->announce);
+    pm->timer.data = pm->watch.data = pm->announce.data = pm;
+    pm->handles = 3;
+    pm->net_hash = network_hash();
+    uv_timer_start(&pm->watch, on_watch, DG_PORTMAP_WATCH_MS, DG_PORTMAP_WATCH_MS);
+    if (cfg->natpmp)
+        listen_announcements(pm);
     schedule(pm, 0);
     *out = pm;
     return 0;
@@ -317,9 +429,11 @@ void dg_portmap_stop(struct dg_portmap *pm)
         return;
     pm->stopping = 1;
     uv_timer_stop(&pm->timer);
+    uv_timer_stop(&pm->watch);
+    uv_udp_recv_stop(&pm->announce);
     if (pm->busy)
         return; /* the running job's completion goes on with the removal */
     if (pm->st.mapped && queue_job(pm, JOB_UNMAP) == 0)
         return;
-    uv_close((uv_handle_t *)&pm->timer, pm_closed);
+    close_all(pm);
 }

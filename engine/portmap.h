@@ -1,6 +1,12 @@
 /* Port mapping on the home router: NAT-PMP (libnatpmp) and UPnP IGD (libminiupnpc), so that
  * peers outside can reach this node's TCP and UDP port.
  *
+ * A mapping is asked for again (the request is idempotent) when the interfaces' addresses
+ * change (looked at every DG_PORTMAP_WATCH_MS), when the router multicasts a NAT-PMP or PCP
+ * announcement (it restarted or got a new public address: RFC 6886 3.2.1, RFC 6887 14.1;
+ * digfs listens on 224.0.0.1:5350), and at least every DG_PORTMAP_VERIFY_MS (a router that
+ * lost it silently).
+ *
  * Both libraries block (UPnP discovery waits up to DG_PORTMAP_DISCOVER_MS for answers), so
  * every exchange runs in libuv's thread pool, one job at a time; results come back on the loop.
  * A mapping is asked for DG_PORTMAP_LEASE_S seconds and renewed at half its lifetime; when no
@@ -17,6 +23,8 @@
 #define DG_PORTMAP_LEASE_S 3600u
 #define DG_PORTMAP_RETRY_MS (5u * 60 * 1000)
 #define DG_PORTMAP_DISCOVER_MS 2000
+#define DG_PORTMAP_VERIFY_MS (5u * 60 * 1000) /* a mapping is asked again at least this often */
+#define DG_PORTMAP_WATCH_MS 10000u            /* the interfaces' addresses are compared */
 
 struct dg_portmap_config {
     uint16_t port; /* the TCP and UDP port to map (the same number outside, if the router

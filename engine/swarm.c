@@ -23,9 +23,11 @@
 #define MAX_UNVERIFIED_BLOCKS (1ull << 26) /* holdings tracked for a length not verified yet */
 #define META_TIMEOUT_MS 10000u             /* a metadata request unanswered: ask another peer */
 #define REQUEST_TIMEOUT_MS 60000u          /* a block request unanswered: ask another peer */
-#define URGENT_DUP_MS 1500u    /* a waited-for block this late is also asked elsewhere */
-#define IDLE_SWARM_MS 60000u   /* a swarm nobody uses is dropped after this */
-#define DHT_RETRY_MS 5000u     /* DHT lookups of a wanted root without peers... */
+#define STALL_MS 15000u      /* a peer silent this long while it owes us blocks: the path is dead */
+#define URGENT_DUP_MS 1500u  /* a waited-for block this late is also asked elsewhere */
+#define STALE_MS 5000u       /* a silent connection a new one from the same node replaces */
+#define IDLE_SWARM_MS 60000u /* a swarm nobody uses is dropped after this */
+#define DHT_RETRY_MS 5000u   /* DHT lookups of a wanted root without peers... */
 #define DHT_REFRESH_MS 300000u /* ...and again this often while it is wanted */
 #define CHOKE_ROUND_MS 10000u
 #define OPTIMISTIC_MS 30000u
@@ -97,6 +99,7 @@ struct peer {
     struct hash_req hreqs[MAX_HASH_OUT]; /* our hash_requests to it */
     unsigned nhreqs;
     uint64_t accounted_in, accounted_out;
+    uint64_t last_in;                 /* when its last message came */
     uint64_t got_recent, gave_recent; /* bytes of blocks in this choke round */
     uint64_t rate_in;                 /* bytes per second of blocks, smoothed */
     uint64_t rate_window_start, rate_window_bytes;
@@ -1688,6 +1691,7 @@ static int on_message(struct dg_peer_conn *c, const struct dg_peer_msg *m)
     int rc = 0;
 
     account(p);
+    p->last_in = now_ms(sw->s);
     sw->last_used = now_ms(sw->s);
     if (!p->got_hello && m->type != DG_PEER_MSG_HELLO)
         return DG_PEER_CLOSE_PROTOCOL; /* hello comes first */
@@ -1825,12 +1829,30 @@ static int attach(struct swarm *sw, struct dg_peer_conn *c)
     p->choking = 1;
     p->target = MIN_PIPELINE;
     p->next_pex = now_ms(sw->s) + PEX_FIRST_MS;
+    p->last_in = now_ms(sw->s);
     p->next = sw->peers;
     sw->peers = p;
     sw->npeers++;
     sw->s->stats.peers++;
     dg_peer_conn_set_data(c, p);
     return 0;
+}
+
+/* A second connection with node @p id in @p sw (other than @p self): the first one wins,
+ * unless it has been silent for STALE_MS: then the remote has most likely lost it (a NAT on
+ * the way forgot its mapping) and dialled again, and the old one is dropped.
+ * @return 1 if the new connection may go on, 0 if it must close. */
+static int replace_stale(struct swarm *sw, const uint8_t id[20], const struct peer *self)
+{
+    for (struct peer *q = sw->peers; q; q = q->next) {
+        if (q == self || memcmp(q->node_id, id, 20) != 0 || (self && !q->got_hello))
+            continue;
+        if (now_ms(sw->s) - q->last_in < STALE_MS)
+            return 0;
+        dg_peer_conn_close(q->conn, DG_PEER_CLOSE_TIMEOUT); /* frees q */
+        return 1;
+    }
+    return 1;
 }
 
 static void send_opening(struct peer *p)
@@ -1857,9 +1879,8 @@ static int on_handshake(struct dg_peer_conn *c, const struct dg_peer_handshake *
         /* Ours: the answer must name our swarm. */
         if (memcmp(hs->swarm_key, p->sw->root, 20) != 0)
             return DG_PEER_CLOSE_HANDSHAKE;
-        for (struct peer *q = p->sw->peers; q; q = q->next)
-            if (q != p && q->got_hello && memcmp(q->node_id, hs->node_id, 20) == 0)
-                return DG_PEER_CLOSE_HANDSHAKE; /* connected already, another way */
+        if (!replace_stale(p->sw, hs->node_id, p))
+            return DG_PEER_CLOSE_HANDSHAKE; /* connected already, another way */
         memcpy(p->node_id, hs->node_id, 20);
         send_opening(p);
         return 0;
@@ -1892,9 +1913,8 @@ static int on_handshake(struct dg_peer_conn *c, const struct dg_peer_handshake *
     }
     if (sw->npeers >= DG_SWARM_MAX_PEERS || s->stats.peers >= MAX_TOTAL_PEERS)
         return DG_PEER_CLOSE_LOCAL;
-    for (struct peer *q = sw->peers; q; q = q->next)
-        if (memcmp(q->node_id, hs->node_id, 20) == 0)
-            return DG_PEER_CLOSE_HANDSHAKE; /* connected already */
+    if (!replace_stale(sw, hs->node_id, NULL))
+        return DG_PEER_CLOSE_HANDSHAKE; /* connected already */
     if (attach(sw, c) < 0)
         return DG_PEER_CLOSE_LOCAL;
     p = dg_peer_conn_data(c);
@@ -2316,7 +2336,19 @@ static void expire(struct swarm *sw, uint64_t now)
             lp = &l->next;
         }
     }
-    for (struct peer *p = sw->peers; p; p = p->next) {
+    for (struct peer *p = sw->peers, *next; p; p = next) {
+        next = p->next;
+        /* Requests out and nothing heard for STALL_MS (not even a keep-alive of the transport
+         * would help: a NAT on the way forgot the mapping, a relay died): drop the connection
+         * so that it can be made again, or the blocks asked elsewhere. */
+        uint64_t oldest = now;
+        for (size_t i = 0; i < p->nreqs; i++)
+            oldest = p->reqs[i].sent_at < oldest ? p->reqs[i].sent_at : oldest;
+        if (p->got_hello && p->nreqs > 0 && now - p->last_in >= STALL_MS &&
+            now - oldest >= STALL_MS) {
+            dg_peer_conn_close(p->conn, DG_PEER_CLOSE_TIMEOUT);
+            continue;
+        }
         for (unsigned i = 0; i < p->nhreqs;) {
             if (now - p->hreqs[i].sent_at < META_TIMEOUT_MS) {
                 i++;

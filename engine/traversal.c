@@ -296,6 +296,15 @@ static int hp_serves(void *arg, const uint8_t key[20])
     return t->swarms && dg_swarms_holds(t->swarms, key);
 }
 
+/* PUNCHes only from the nodes we announced to: anyone else could make us probe anything. */
+static int hp_rendezvous_ok(void *arg, const uint8_t key[20], const struct sockaddr *rendezvous)
+{
+    struct dg_traversal *t = arg;
+
+    (void)key;
+    return dg_dht_service_announced_to(t->dht, rendezvous);
+}
+
 static uint16_t hp_relay_expect(void *arg, const uint8_t nonce[DG_HP_NONCE_LEN])
 {
     struct dg_traversal *t = arg;
@@ -325,14 +334,14 @@ static void hp_punched(void *arg, const uint8_t key[20], int initiator, int path
 }
 
 static void hp_relay(void *arg, const uint8_t key[20], int initiator, const struct sockaddr *relay,
-                     const uint8_t nonce[DG_HP_NONCE_LEN])
+                     const struct sockaddr *peer, const uint8_t nonce[DG_HP_NONCE_LEN])
 {
     struct dg_traversal *t = arg;
 
     dg_log(DG_LOG_DEBUG, LOG_MODULE, "relay ready (%s) at %llu ms",
            initiator ? "we asked" : "they asked", (unsigned long long)now_ms(t));
     if (t->swarms)
-        dg_swarms_relayed(t->swarms, key, initiator, relay, relay, nonce);
+        dg_swarms_relayed(t->swarms, key, initiator, peer, relay, nonce);
 }
 
 static void hp_failed(void *arg, const uint8_t key[20], const struct sockaddr *target,
@@ -360,6 +369,7 @@ static const struct dg_hp_ops hp_ops = {
     .punched = hp_punched,
     .relay = hp_relay,
     .failed = hp_failed,
+    .rendezvous_ok = hp_rendezvous_ok,
 };
 
 /* ------------------------------------------------------------ NAT classification */

@@ -117,7 +117,7 @@ struct dg_utp_sock {
     uint8_t want_writable; /* a write was cut short */
     uint8_t got_fin;       /* eof_seq is known */
     uint8_t peer_closed;   /* everything up to the remote's FIN came: it is gone */
-    uint8_t fin_queued, fin_acked;
+    uint8_t fin_acked;
     uint8_t slow_start, in_recovery, fast_rexmit, cwnd_blocked;
     uint8_t have_rtt, have_delay;
     uint8_t syn_tries;
@@ -1500,7 +1500,6 @@ void dg_utp_close(struct dg_utp_sock *s, uint64_t now_us)
     }
     s->ring[s->seq_nr & s->ring_mask] = fin;
     s->seq_nr++;
-    s->fin_queued = 1;
     send_pending(s, now_us, 1);
 }
 

@@ -85,11 +85,13 @@ struct ctx {
     int connects, outcomes, reentries, in_free;
 };
 
+/* The length of @p ss's family's address. */
 static socklen_t ss_len(const struct sockaddr_storage *ss)
 {
     return ss->ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
 }
 
+/* Same address (family, IP, port). */
 static int ss_eq(const struct sockaddr *a, const struct sockaddr_storage *b)
 {
     return a->sa_family == b->ss_family && memcmp(a, b, ss_len(b)) == 0;
@@ -105,6 +107,7 @@ static void ip_of(const struct sockaddr *sa, uint8_t out[16])
         memcpy(out, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
 }
 
+/* Notes an IP the node may probe. */
 static void know(struct ctx *c, const struct sockaddr *sa)
 {
     uint8_t ip[16];
@@ -117,6 +120,7 @@ static void know(struct ctx *c, const struct sockaddr *sa)
         memcpy(c->known[c->nknown++], ip, 16);
 }
 
+/* Whether the node may probe @p sa's IP. */
 static int known(const struct ctx *c, const struct sockaddr *sa)
 {
     uint8_t ip[16];
@@ -128,6 +132,7 @@ static int known(const struct ctx *c, const struct sockaddr *sa)
     return c->nknown == MAXKNOWN; /* table full: cannot tell */
 }
 
+/* Whether @p to is in @p list. */
 static int listed(const struct sockaddr *to, const struct sockaddr_storage *list, int n)
 {
     for (int i = 0; i < n; i++)
@@ -136,12 +141,14 @@ static int listed(const struct sockaddr *to, const struct sockaddr_storage *list
     return 0;
 }
 
+/* Adds @p a to @p list (at most 64). */
 static void add_src(struct sockaddr_storage *list, int *n, const struct sockaddr_storage *a)
 {
     if (!listed((const struct sockaddr *)a, list, *n) && *n < 64)
         list[(*n)++] = *a;
 }
 
+/* Source @p i of the table in the header comment. */
 static struct sockaddr_storage make_addr(int family, int i)
 {
     static const uint8_t v4[NSRC][4] = {{203, 0, 113, 1},   {198, 51, 100, 10}, {198, 51, 100, 10},
@@ -171,6 +178,7 @@ static struct sockaddr_storage make_addr(int family, int i)
 
 /* ---- the callbacks ---- */
 
+/* ops->send: every rule of the header comment. */
 static void fz_send(void *arg, int path, const uint8_t *buf, size_t len, const struct sockaddr *to)
 {
     struct ctx *c = arg;
@@ -220,6 +228,7 @@ static void fz_send(void *arg, int path, const uint8_t *buf, size_t len, const s
     }
 }
 
+/* ops->open_paths: fresh ids, at most MAX_OPEN open. */
 static size_t fz_open_paths(void *arg, size_t n, int *paths)
 {
     struct ctx *c = arg;
@@ -235,6 +244,7 @@ static size_t fz_open_paths(void *arg, size_t n, int *paths)
     return i;
 }
 
+/* ops->close_path: only open ones, once. */
 static void fz_close_path(void *arg, int path)
 {
     struct ctx *c = arg;
@@ -245,6 +255,7 @@ static void fz_close_path(void *arg, int path)
     c->nopen--;
 }
 
+/* ops->announced: A's announced address for KEY. */
 static int fz_announced(void *arg, const uint8_t key[20], const struct sockaddr *peer)
 {
     struct ctx *c = arg;
@@ -252,6 +263,7 @@ static int fz_announced(void *arg, const uint8_t key[20], const struct sockaddr 
     return memcmp(key, KEY, 20) == 0 && ss_eq(peer, &c->src[SRC_TARGET]);
 }
 
+/* ops->announced_from: A's contact address, when the scene says so. */
 static int fz_announced_from(void *arg, const uint8_t key[20], const struct sockaddr *peer,
                              struct sockaddr_storage *out)
 {
@@ -265,12 +277,14 @@ static int fz_announced_from(void *arg, const uint8_t key[20], const struct sock
     return 1;
 }
 
+/* ops->serves: KEY. */
 static int fz_serves(void *arg, const uint8_t key[20])
 {
     (void)arg;
     return memcmp(key, KEY, 20) == 0;
 }
 
+/* ops->relay_expect: RELAY_PORT when the scene has a relay. */
 static uint16_t fz_relay_expect(void *arg, const uint8_t nonce[DG_HP_NONCE_LEN])
 {
     struct ctx *c = arg;
@@ -291,6 +305,7 @@ static void reenter(struct ctx *c, const uint8_t key[20], const struct sockaddr 
         c->connects++;
 }
 
+/* ops->punched: the path becomes the engine's; B starts another session. */
 static void fz_punched(void *arg, const uint8_t key[20], int initiator, int path,
                        const struct sockaddr *peer)
 {
@@ -310,12 +325,14 @@ static void fz_punched(void *arg, const uint8_t key[20], int initiator, int path
     }
 }
 
+/* ops->relay: an outcome at B. */
 static void fz_relay(void *arg, const uint8_t key[20], int initiator, const struct sockaddr *relay,
-                     const uint8_t nonce[DG_HP_NONCE_LEN])
+                     const struct sockaddr *peer, const uint8_t nonce[DG_HP_NONCE_LEN])
 {
     struct ctx *c = arg;
 
     (void)key;
+    (void)peer;
     (void)nonce;
     if (c->in_free || relay->sa_family != c->family)
         abort();
@@ -323,6 +340,7 @@ static void fz_relay(void *arg, const uint8_t key[20], int initiator, const stru
         c->outcomes++;
 }
 
+/* ops->failed: an outcome; asks again in relay mode. */
 static void fz_failed(void *arg, const uint8_t key[20], const struct sockaddr *target,
                       enum dg_hp_failure why)
 {
@@ -359,6 +377,7 @@ static const struct dg_hp_ops fz_ops = {
 
 /* ---- feeding ---- */
 
+/* Runs the node's timers; checks what it asks for. */
 static void tick(struct ctx *c)
 {
     uint64_t wait = dg_hp_tick(c->hp, c->now);
@@ -399,6 +418,7 @@ static void feed(struct ctx *c, int src, int path, const uint8_t *buf, size_t le
     tick(c);
 }
 
+/* A valid message of type @p t (the setup's CONNECT and PUNCH). */
 static size_t make(uint8_t *buf, enum dg_hp_type t, const uint8_t *nonce, int src,
                    const struct ctx *c, int mode, enum dg_nat_class nat)
 {
@@ -420,6 +440,7 @@ static size_t make(uint8_t *buf, enum dg_hp_type t, const uint8_t *nonce, int sr
     return (size_t)n;
 }
 
+/* The path of a record: 0, the lowest or highest open extra path, or a bogus one. */
 static int pick_path(const struct ctx *c, int sel)
 {
     if (sel == 0)

@@ -205,5 +205,150 @@ def test_matrix():
             w.close()
 
 
+def _small_world(L, kinds, extra=()):
+    """Three public DHT nodes and one host of each kind in @kinds ({name: kind}), with digfs."""
+    dht = [L.public(f"dht{i}") for i in range(3)]
+    hosts = {}
+    for name, kind in kinds.items():
+        if kind == "public":
+            hosts[name] = L.public(name)
+        else:
+            r = L.router(f"{name}-r", kind=kind)
+            hosts[name] = L.behind(r, name)
+    boot = "+".join(f"{h.addr}:{PORT}" for h in dht)
+    common = [f"port={PORT}", "lookup_timeout=40", "read_timeout=90", "announce_cached=no",
+              *extra]
+    mounts, m = [], {}
+    for i, h in enumerate(dht):
+        others = "+".join(f"{o.addr}:{PORT}" for o in dht if o is not h)
+        mounts.append(LabMount(L, h, f"fx-dht{i}", [f"bootstrap={others}", *common]))
+    for name, h in hosts.items():
+        opts = [f"bootstrap={boot}", *common]
+        if kinds[name] == "upnp":
+            opts += ["upnp=yes", "natpmp=yes"]
+        m[name] = LabMount(L, h, f"fx-{name}", opts)
+        mounts.append(m[name])
+    return hosts, m, mounts
+
+
+def _read_at(path, off, length):
+    with open(path, "rb", buffering=0) as f:
+        f.seek(off)
+        out = b""
+        while len(out) < length:
+            chunk = f.read(length - len(out))
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def _punched_peers(m, root):
+    by = _swarm_of(m, root).get("peers_by") or {}
+    return by.get("punched", 0)
+
+
+def test_idle_connection_survives_short_nat_timeouts():
+    """Both NATs forget idle UDP mappings after 20 s (conntrack timeouts; Linux defaults are
+    30 s and 120 s). B reads the first MiB of A's file over a punched hole, stays idle for
+    50 s, then reads the rest: uTP's and the DHT's keep-alives (15 s) held the mappings
+    open, so the read needs no new connection and sees no error."""
+    with lab() as L:
+        hosts, m, mounts = _small_world(L, {"a": "easy", "b": "easy"})
+        try:
+            for h in hosts.values():
+                L.conntrack_timeouts(h.router, udp=20, udp_stream=20)
+            data = T.data_of(8 * (1 << 20) + 99, 8101)
+            root = T.share(m["a"], "idle.bin", data)
+            T.wait_until(lambda: all((T.status_json(x)["network"].get("nat") or {})
+                                     .get("class") == "easy" for x in m.values()),
+                         "both NATs classified easy", timeout=90, interval=0.5)
+            first = _read_at(m["b"].by_hash(root), 0, 1 << 20)
+            T.check_bytes(first, data[:1 << 20], "the first MiB")
+            check(_punched_peers(m["b"], root) == 1, "B reads over a punched hole",
+                  _swarm_of(m["b"], root))
+            asked = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"]
+            time.sleep(50)
+            t0 = time.monotonic()
+            rest = _read_at(m["b"].by_hash(root), 1 << 20, len(data))
+            T.check_bytes(rest, data[1 << 20:], "the rest after 50 s idle")
+            again = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"] - asked
+            print(f"    after 50 s idle behind 20 s NAT timeouts: the rest read in "
+                  f"{time.monotonic() - t0:.2f} s; holes asked again: {again}")
+            check_eq(again, 0, "new hole punching needed after the idle time")
+        finally:
+            for x in mounts:
+                x.cleanup()
+
+
+def test_nat_forgets_mappings_under_a_reader():
+    """B, behind a hard NAT, reads from A (easy NAT) through a punched hole; then B's router
+    forgets every mapping at once (conntrack flushed, as after a reboot): B's packets now leave
+    from new ports that A's NAT does not let in. B reads further on (a range not fetched yet):
+    the dead connection is dropped (nothing heard while blocks are owed), a new hole is punched
+    through the rendezvous, and the read completes, byte-exact, with no error."""
+    with lab() as L:
+        hosts, m, mounts = _small_world(L, {"a": "easy", "b": "hard"})
+        try:
+            data = T.data_of(64 * (1 << 20) + 5, 8102)
+            root = T.share(m["a"], "flush.bin", data)
+            T.wait_until(lambda: (T.status_json(m["b"])["network"].get("nat") or {})
+                         .get("class") == "hard", "B's NAT classified hard", timeout=90,
+                         interval=0.5)
+            first = _read_at(m["b"].by_hash(root), 0, 1 << 20)
+            T.check_bytes(first, data[:1 << 20], "the first MiB")
+            check(_punched_peers(m["b"], root) == 1, "B reads over a punched hole",
+                  _swarm_of(m["b"], root))
+            asked = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"]
+            L.flush_conntrack(hosts["b"].router)
+            t0 = time.monotonic()
+            off = 48 * (1 << 20)
+            later = _read_at(m["b"].by_hash(root), off, 4 * (1 << 20))
+            T.check_bytes(later, data[off:off + 4 * (1 << 20)],
+                          "4 MiB at 48 MiB after B's NAT forgot everything")
+            again = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"] - asked
+            print(f"    B's NAT flushed: 4 MiB further on read in {time.monotonic() - t0:.1f} s; "
+                  f"holes asked again: {again}")
+            check(again >= 1, "a new hole was punched", again)
+        finally:
+            for x in mounts:
+                x.cleanup()
+
+
+def test_router_restart_loses_mapping():
+    """A behind a UPnP/NAT-PMP router has its port mapped. The router restarts and forgets
+    every mapping (miniupnpd restarted, chains flushed). digfs notices (the router's NAT-PMP
+    restart announcement, RFC 6886 3.2.1) and maps the port again; a public node then reads
+    a new file from A over the mapped port."""
+    with lab() as L:
+        hosts, m, mounts = _small_world(L, {"a": "upnp", "p": "public"})
+        r = hosts["a"].router
+        try:
+            def mapped():
+                return [x for x in r.mappings() if x[1] == PORT]
+            T.wait_until(lambda: len(mapped()) == 2, "A's TCP and UDP port mapped",
+                         timeout=60, interval=0.5)
+            log_at = len(m["a"].log_text())
+            t0 = time.monotonic()
+            r.restart_miniupnpd(forget=True)  # the chains are flushed before it starts again
+            T.wait_until(lambda: len(mapped()) == 2, "A's port mapped again", timeout=60,
+                         interval=0.2)
+            print(f"    mapped again {time.monotonic() - t0:.1f} s after the router restart "
+                  f"began")
+            check("the router announced a restart" in m["a"].log_text(log_at),
+                  "digfs mapped again because of the router's announcement",
+                  m["a"].log_text(log_at)[-2000:])
+            data = T.data_of(1 << 20, 8103)
+            root = T.share(m["a"], "after-restart.bin", data)
+            got = _first_byte_and_all(m["p"].by_hash(root), len(data), 120)
+            T.check_bytes(got["data"], data, "P reads A's file after the restart")
+            by = _swarm_of(m["p"], root).get("peers_by") or {}
+            check(by.get("tcp", 0) >= 1 and not by.get("punched") and not by.get("relayed"),
+                  "P reached A directly, through the mapping", by)
+        finally:
+            for x in mounts:
+                x.cleanup()
+
+
 if __name__ == "__main__":
     T.main()

@@ -1039,6 +1039,13 @@ static void test_keepalive_and_announced(void **state)
                          0);
     }
     assert_true(holders >= 1);
+    /* A knows whom it announced to (its rendezvous nodes), and nobody else. */
+    int told = 0;
+    for (int j = 0; j < net->n; j++)
+        told += dg_dht_announced_to(net->node[a], (struct sockaddr *)&net->addr[j], net->now);
+    assert_int_equal(told, holders);
+    assert_int_equal(dg_dht_announced_to(net->node[a], (struct sockaddr *)&net->addr[a], net->now),
+                     0);
 
     /* Off by default: no keep-alives. */
     net_run(net, 60000);

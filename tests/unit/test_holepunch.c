@@ -65,6 +65,7 @@ static const char *const kind_name[] = {"none", "easy", "hard"};
 
 /* ---- randomness ---- */
 
+/* splitmix64: the network's delays and the NATs' ports. */
 static uint64_t rng_next(uint64_t *s)
 {
     uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
@@ -146,6 +147,7 @@ struct host {
     int relayed, relay_initiator;
     uint32_t relay_ip;
     uint16_t relay_port;
+    uint32_t relay_peer_ip; /* the other end, as relay() named it */
     uint8_t relay_nonce[DG_HP_NONCE_LEN];
     int relay_expects;
     uint8_t expected_nonce[DG_HP_NONCE_LEN];
@@ -175,6 +177,7 @@ struct net {
     uint64_t delivered;
 };
 
+/* An IPv4 socket address from host-order parts. */
 static struct sockaddr_in sin4(uint32_t ip, uint16_t port)
 {
     struct sockaddr_in s;
@@ -186,6 +189,7 @@ static struct sockaddr_in sin4(uint32_t ip, uint16_t port)
     return s;
 }
 
+/* The host-order parts of an IPv4 socket address. */
 static void sin_parts(const struct sockaddr *sa, uint32_t *ip, uint16_t *port)
 {
     const struct sockaddr_in *s = (const struct sockaddr_in *)sa;
@@ -195,6 +199,7 @@ static void sin_parts(const struct sockaddr *sa, uint32_t *ip, uint16_t *port)
     *port = ntohs(s->sin_port);
 }
 
+/* Adds (ip, port) to where D may send. */
 static void allow(struct net *n, uint32_t ip, uint16_t port)
 {
     for (size_t i = 0; i < n->nallowed; i++)
@@ -205,6 +210,7 @@ static void allow(struct net *n, uint32_t ip, uint16_t port)
     n->allowed[n->nallowed++].port = port;
 }
 
+/* Whether D may send to (ip, port). */
 static int allowed(const struct net *n, uint32_t ip, uint16_t port)
 {
     for (size_t i = 0; i < n->nallowed; i++)
@@ -213,11 +219,13 @@ static int allowed(const struct net *n, uint32_t ip, uint16_t port)
     return 0;
 }
 
+/* Delivery order: time, then sending order. */
 static int pkt_before(const struct pkt *a, const struct pkt *b)
 {
     return a->at < b->at || (a->at == b->at && a->seq < b->seq);
 }
 
+/* Puts a datagram in flight. */
 static void heap_push(struct net *n, const struct pkt *p)
 {
     size_t i;
@@ -237,6 +245,7 @@ static void heap_push(struct net *n, const struct pkt *p)
     }
 }
 
+/* Takes the next datagram to arrive. */
 static void heap_pop(struct net *n, struct pkt *out)
 {
     size_t i = 0;
@@ -268,11 +277,13 @@ static uint16_t free_port(struct host *h)
     }
 }
 
+/* The key of (socket, IP, port) in an easy NAT's table of destinations. */
 static uint64_t sent_key(int sock, uint32_t ip, uint16_t port)
 {
     return (uint64_t)(sock + 1) << 48 | (uint64_t)ip << 16 | port;
 }
 
+/* Whether socket @p sock of @p h has sent to (ip, port). */
 static int sent_has(const struct host *h, int sock, uint32_t ip, uint16_t port)
 {
     uint64_t k = sent_key(sock, ip, port);
@@ -285,6 +296,7 @@ static int sent_has(const struct host *h, int sock, uint32_t ip, uint16_t port)
     }
 }
 
+/* Notes that socket @p sock of @p h sent to (ip, port). */
 static void sent_add(struct host *h, int sock, uint32_t ip, uint16_t port)
 {
     uint64_t k = sent_key(sock, ip, port);
@@ -354,6 +366,7 @@ static int nat_in(const struct host *h, uint16_t dport, uint32_t sip, uint16_t s
     return h->sock[s].open ? s : -1;
 }
 
+/* Opens a socket (a path) on @p h; path numbers are never reused. */
 static int sock_open(struct host *h)
 {
     int s = h->nsock++;
@@ -409,6 +422,7 @@ static void net_inject(struct net *n, uint32_t sip, uint16_t sport, const void *
     heap_push(n, &p);
 }
 
+/* Runs @p h's timers and schedules the next run. */
 static void do_tick(struct host *h)
 {
     uint64_t wait = dg_hp_tick(h->hp, h->net->now);
@@ -418,12 +432,14 @@ static void do_tick(struct host *h)
     h->next_tick = h->net->now + (h->period ? h->period : wait);
 }
 
+/* Whether a datagram is a PROBE (for drop_probes). */
 static int is_probe(const uint8_t *buf, size_t len)
 {
     return len > DG_HP_MAGIC_LEN && dg_hp_is_packet(buf, len) &&
            buf[DG_HP_MAGIC_LEN] == DG_HP_PROBE;
 }
 
+/* The host whose public IP is @p ip, or NULL. */
 static struct host *host_at(struct net *n, uint32_t ip)
 {
     for (int i = 0; i < n->nhosts; i++)
@@ -432,6 +448,7 @@ static struct host *host_at(struct net *n, uint32_t ip)
     return NULL;
 }
 
+/* A datagram arrives: through the NAT to a socket, then to dg_hp or the capture. */
 static void deliver(struct net *n, const struct pkt *p)
 {
     struct host *h = host_at(n, p->dip);
@@ -503,6 +520,7 @@ static void run(struct net *n, uint64_t ms, pred_fn done)
 
 /* ---- the dg_hp callbacks of a host ---- */
 
+/* ops->send: checks the datagram and the rendezvous rule, then sends it. */
 static void op_send(void *arg, int path, const uint8_t *buf, size_t len, const struct sockaddr *to)
 {
     struct host *h = arg;
@@ -533,6 +551,7 @@ static void op_send(void *arg, int path, const uint8_t *buf, size_t len, const s
     net_send(h, path, buf, len, ip, port);
 }
 
+/* ops->open_paths: new sockets, up to max_paths. */
 static size_t op_open_paths(void *arg, size_t n, int *paths)
 {
     struct host *h = arg;
@@ -547,6 +566,7 @@ static size_t op_open_paths(void *arg, size_t n, int *paths)
     return i;
 }
 
+/* ops->close_path: only open extra sockets not handed to the engine. */
 static void op_close_path(void *arg, int path)
 {
     struct host *h = arg;
@@ -560,6 +580,7 @@ static void op_close_path(void *arg, int path)
     h->closed++;
 }
 
+/* ops->announced: only A's announced address (IP, port 6881) for KEY. */
 static int op_announced(void *arg, const uint8_t key[20], const struct sockaddr *peer)
 {
     struct host *h = arg;
@@ -574,6 +595,7 @@ static int op_announced(void *arg, const uint8_t key[20], const struct sockaddr 
     return 1;
 }
 
+/* ops->announced_from: the source of A's announce, as D saw it. */
 static int op_announced_from(void *arg, const uint8_t key[20], const struct sockaddr *peer,
                              struct sockaddr_storage *out)
 {
@@ -591,6 +613,7 @@ static int op_announced_from(void *arg, const uint8_t key[20], const struct sock
     return 1;
 }
 
+/* ops->serves: KEY, if the host serves. */
 static int op_serves(void *arg, const uint8_t key[20])
 {
     struct host *h = arg;
@@ -598,6 +621,7 @@ static int op_serves(void *arg, const uint8_t key[20])
     return h->serves && memcmp(key, KEY, 20) == 0;
 }
 
+/* ops->rendezvous_ok: any, or only rdv_only. */
 static int op_rendezvous_ok(void *arg, const uint8_t key[20], const struct sockaddr *rendezvous)
 {
     struct host *h = arg;
@@ -609,6 +633,7 @@ static int op_rendezvous_ok(void *arg, const uint8_t key[20], const struct socka
     return !h->rdv_only || ip == h->rdv_only;
 }
 
+/* ops->relay_expect: RELAY_PORT when the relay is on. */
 static uint16_t op_relay_expect(void *arg, const uint8_t nonce[DG_HP_NONCE_LEN])
 {
     struct host *h = arg;
@@ -620,6 +645,7 @@ static uint16_t op_relay_expect(void *arg, const uint8_t nonce[DG_HP_NONCE_LEN])
     return RELAY_PORT;
 }
 
+/* ops->punched: records it; an extra socket becomes the engine's. */
 static void op_punched(void *arg, const uint8_t key[20], int initiator, int path,
                        const struct sockaddr *peer)
 {
@@ -636,18 +662,22 @@ static void op_punched(void *arg, const uint8_t key[20], int initiator, int path
         h->sock[path].engine = 1;
 }
 
+/* ops->relay: records it. */
 static void op_relay(void *arg, const uint8_t key[20], int initiator, const struct sockaddr *relay,
-                     const uint8_t nonce[DG_HP_NONCE_LEN])
+                     const struct sockaddr *peer, const uint8_t nonce[DG_HP_NONCE_LEN])
 {
     struct host *h = arg;
+    uint16_t peer_port;
 
     assert_memory_equal(key, KEY, 20);
     h->relayed++;
     h->relay_initiator = initiator;
     sin_parts(relay, &h->relay_ip, &h->relay_port);
+    sin_parts(peer, &h->relay_peer_ip, &peer_port);
     memcpy(h->relay_nonce, nonce, DG_HP_NONCE_LEN);
 }
 
+/* ops->failed: records it, and may ask again in relay mode (re-entrantly). */
 static void op_failed(void *arg, const uint8_t key[20], const struct sockaddr *target,
                       enum dg_hp_failure why)
 {
@@ -678,6 +708,7 @@ static const struct dg_hp_ops host_ops = {
     .rendezvous_ok = op_rendezvous_ok,
 };
 
+/* The class a host behind such a NAT would learn. */
 static enum dg_nat_class class_of(enum kind k)
 {
     return k == K_NONE ? DG_NAT_NONE : k == K_EASY ? DG_NAT_EASY : DG_NAT_HARD;
@@ -731,6 +762,7 @@ static void host_free_hp(struct host *h)
     assert_int_equal(h->relayed, relayed);
 }
 
+/* An empty network at time T0. */
 static struct net *net_new(uint64_t seed)
 {
     struct net *n = calloc(1, sizeof(*n));
@@ -763,6 +795,7 @@ static struct world {
     struct host *d, *a, *b;
 } w;
 
+/* D, A (serving KEY, announced to D) and B on a new network. */
 static void world_start(enum kind bk, enum kind ak, uint64_t seed)
 {
     w.n = net_new(seed);
@@ -778,12 +811,14 @@ static void world_start(enum kind bk, enum kind ak, uint64_t seed)
     assert_true(w.d->have_contact);
 }
 
+/* Frees the world, with net_free()'s checks. */
 static void world_end(void)
 {
     net_free(w.n);
     memset(&w, 0, sizeof(w));
 }
 
+/* @p h asks D to bring (ip, port); then ticks, as the engine would. */
 static int connect_to(struct host *h, uint32_t ip, uint16_t port, enum dg_hp_mode mode)
 {
     struct sockaddr_in target = sin4(ip, port), via = sin4(D_IP, MAIN_PORT);
@@ -795,11 +830,13 @@ static int connect_to(struct host *h, uint32_t ip, uint16_t port, enum dg_hp_mod
     return rc;
 }
 
+/* B asks D to bring A. */
 static int world_connect(enum dg_hp_mode mode)
 {
     return connect_to(w.b, A_IP, MAIN_PORT, mode);
 }
 
+/* Predicates for run(). */
 static int both_punched_or_failed(void)
 {
     return (w.a->punched && w.b->punched) || w.b->failed;
@@ -845,6 +882,7 @@ static void check_idle(void)
             assert_int_equal(dg_hp_sessions(w.n->hosts[i]->hp), 0);
 }
 
+/* @p h's counters. */
 static struct dg_hp_stats stats(const struct host *h)
 {
     struct dg_hp_stats st;
@@ -855,6 +893,7 @@ static struct dg_hp_stats stats(const struct host *h)
 
 /* ---- the codec ---- */
 
+/* A valid message of type @p t with every field it carries set. */
 static void fill_msg(struct dg_hp_msg *m, enum dg_hp_type t, int v6)
 {
     memset(m, 0, sizeof(*m));
@@ -888,6 +927,7 @@ static void fill_msg(struct dg_hp_msg *m, enum dg_hp_type t, int v6)
         memset(m->cookie, 0x5c, DG_HP_COOKIE_LEN);
 }
 
+/* Every type, IPv4 and IPv6: the sizes of the doc, the layout, exact round trips. */
 static void test_codec_round_trip(void **state)
 {
     /* The sizes docs/PROTOCOL.md section 6 gives, IPv4 and IPv6. */
@@ -936,6 +976,7 @@ static int parse_patched(const uint8_t *buf, size_t len, size_t off, uint8_t pat
     return dg_hp_parse(copy, len, &m);
 }
 
+/* One bad field at a time is refused by the parser, and by the formatter. */
 static void test_codec_rejects(void **state)
 {
     struct dg_hp_msg m;
@@ -1032,6 +1073,7 @@ static void test_codec_rejects(void **state)
 
 /* ---- punching across every pair of NATs ---- */
 
+/* Every pair of NATs: punched on both sides (and reachable), or both hard. */
 static void test_matrix_punch(void **state)
 {
     (void)state;
@@ -1075,6 +1117,7 @@ static void test_matrix_punch(void **state)
     }
 }
 
+/* Every pair of NATs in relay mode: both sides get D's relay and the same nonce. */
 static void test_matrix_relay(void **state)
 {
     (void)state;
@@ -1091,6 +1134,8 @@ static void test_matrix_relay(void **state)
             assert_int_equal(w.a->relay_initiator, 0);
             assert_int_equal(w.b->relay_ip, D_IP);
             assert_int_equal(w.a->relay_ip, D_IP);
+            assert_int_equal(w.b->relay_peer_ip, w.a->ip); /* public IPs: the NAT's, or own */
+            assert_int_equal(w.a->relay_peer_ip, w.b->ip);
             assert_int_equal(w.b->relay_port, RELAY_PORT);
             assert_int_equal(w.a->relay_port, RELAY_PORT);
             assert_memory_equal(w.b->relay_nonce, w.d->expected_nonce, DG_HP_NONCE_LEN);
@@ -1145,12 +1190,14 @@ static void birthday_runs(enum kind bk, enum kind ak)
     assert_true(ok >= 95);
 }
 
+/* B easy, A hard. */
 static void test_birthday_easy_hard(void **state)
 {
     (void)state;
     birthday_runs(K_EASY, K_HARD);
 }
 
+/* B hard, A easy. */
 static void test_birthday_hard_easy(void **state)
 {
     (void)state;
@@ -1159,6 +1206,7 @@ static void test_birthday_hard_easy(void **state)
 
 /* ---- failures ---- */
 
+/* A target that did not announce to D: unknown peer, and D sends no PUNCH. */
 static void test_unknown_target(void **state)
 {
     (void)state;
@@ -1173,6 +1221,7 @@ static void test_unknown_target(void **state)
     world_end();
 }
 
+/* A that does not serve the key: refused. */
 static void test_not_serving(void **state)
 {
     (void)state;
@@ -1188,6 +1237,7 @@ static void test_not_serving(void **state)
     world_end();
 }
 
+/* A silent: D resends the PUNCH once, then refuses after 3 s. */
 static void test_responder_silent(void **state)
 {
     (void)state;
@@ -1204,6 +1254,7 @@ static void test_responder_silent(void **state)
     world_end();
 }
 
+/* D silent: five CONNECTs, then no answer after exactly 5 s. */
 static void test_rendezvous_silent(void **state)
 {
     (void)state;
@@ -1220,6 +1271,7 @@ static void test_rendezvous_silent(void **state)
     world_end();
 }
 
+/* The 11th CONNECT from one IP in 10 s is refused busy; later ones pass again. */
 static void test_rate_limit(void **state)
 {
     (void)state;
@@ -1288,6 +1340,7 @@ static void test_spoofed_connect(void **state)
 
 /* ---- paths ---- */
 
+/* Every extra socket is closed when punching times out, at B and at A. */
 static void test_paths_closed_on_failure(void **state)
 {
     (void)state;
@@ -1323,6 +1376,7 @@ static void test_paths_closed_on_failure(void **state)
     world_end();
 }
 
+/* dg_hp_free closes them; fewer sockets than asked for still work. */
 static void test_paths_closed_on_free(void **state)
 {
     (void)state;
@@ -1350,6 +1404,7 @@ static void test_paths_closed_on_free(void **state)
 
 /* ---- bad input ---- */
 
+/* Malformed datagrams are counted and unanswered; stray ones ignored. */
 static void test_malformed(void **state)
 {
     static const struct {
@@ -1413,12 +1468,14 @@ static void inject_to(struct dg_hp_msg *m, const uint8_t *nonce, uint32_t ip, ui
     net_inject(w.n, ip, port, buf, (size_t)n, dip, dport);
 }
 
+/* inject_to() to the main port. */
 static void inject_msg(struct dg_hp_msg *m, const uint8_t *nonce, uint32_t ip, uint16_t port,
                        uint32_t dip)
 {
     inject_to(m, nonce, ip, port, dip, MAIN_PORT);
 }
 
+/* Messages with a session's nonce from the wrong address or socket change nothing. */
 static void test_wrong_sources(void **state)
 {
     struct dg_hp_msg m;
@@ -1571,6 +1628,7 @@ static void test_probe_answered(void **state)
 
 /* ---- callbacks ---- */
 
+/* failed() asks again, from inside dg_hp_input and from inside dg_hp_tick. */
 static void test_reentrant_connect(void **state)
 {
     (void)state;
@@ -1605,6 +1663,7 @@ static void test_reentrant_connect(void **state)
     world_end();
 }
 
+/* dg_hp_connect's errors, and the session limit. */
 static void test_connect_errors(void **state)
 {
     struct sockaddr_in t = sin4(A_IP, MAIN_PORT), v = sin4(D_IP, MAIN_PORT), zero = sin4(A_IP, 0);
@@ -1718,6 +1777,7 @@ static void test_linger(void **state)
 
 /* ---- the responder's limits ---- */
 
+/* The responder's caps: blind sessions, PUNCHes per rendezvous, rendezvous_ok. */
 static void test_responder_limits(void **state)
 {
     struct dg_hp_msg m, r;
@@ -1798,6 +1858,7 @@ struct solo {
     int n;
 };
 
+/* A dg_hp without a network: keeps what it sends. */
 static void solo_send(void *arg, int path, const uint8_t *buf, size_t len,
                       const struct sockaddr *to)
 {
@@ -1810,6 +1871,7 @@ static void solo_send(void *arg, int path, const uint8_t *buf, size_t len,
     s->out[s->n++].len = len;
 }
 
+/* Nobody announced anything. */
 static int solo_announced(void *arg, const uint8_t key[20], const struct sockaddr *peer)
 {
     (void)arg;
@@ -1856,6 +1918,7 @@ static enum dg_hp_failure solo_connect(struct dg_hp *hp, struct solo *s, const c
     return r.reason;
 }
 
+/* Rate limits by /64, cookie binding and lifetime, and NULL ops. */
 static void test_ipv6_rate_and_cookies(void **state)
 {
     static const struct dg_hp_ops ops = {.send = solo_send, .announced = solo_announced};
