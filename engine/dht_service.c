@@ -744,6 +744,12 @@ int dg_dht_service_start(uv_loop_t *loop, const struct dg_dht_service_config *cf
         return rc;
     }
     s->port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    /* uTP shares the socket and keeps up to a MiB in flight per connection: ask for socket
+     * buffers that hold a window (the kernel caps them at net.core.[rw]mem_max). */
+    int bufsize = DG_DHT_SERVICE_SOCKET_BUFFER;
+    uv_recv_buffer_size((uv_handle_t *)&s->udp, &bufsize);
+    bufsize = DG_DHT_SERVICE_SOCKET_BUFFER;
+    uv_send_buffer_size((uv_handle_t *)&s->udp, &bufsize);
 
     uv_timer_init(loop, &s->tick_timer);
     s->tick_timer.data = s;

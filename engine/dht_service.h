@@ -60,6 +60,8 @@
 #define DG_DHT_SERVICE_SAVE_MS (10u * 60 * 1000)       /* periodic save of the table */
 /* Longest datagram received (bittorrent-dht nodes answer with their whole table: KiBs). */
 #define DG_DHT_SERVICE_RECV_MAX 65536
+/* Socket buffers asked for (the socket carries uTP too). */
+#define DG_DHT_SERVICE_SOCKET_BUFFER (4 << 20)
 
 struct dg_dht_service_config {
     uint16_t port; /* UDP port to bind on 0.0.0.0 (0: the kernel picks one) */

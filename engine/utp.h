@@ -35,7 +35,7 @@
 #define DG_UTP_RECV_BUFFER (1u << 20)      /* bytes of out-of-order data held, and window offered */
 #define DG_UTP_CONNECT_TIMEOUT_US 6000000u /* SYN again 1 s, 3 s after the first; given up */
 #define DG_UTP_IDLE_TIMEOUT_US 60000000u   /* nothing heard for this long: the connection died */
-#define DG_UTP_KEEPALIVE_US 20000000u      /* an ACK goes out after this long without sending */
+#define DG_UTP_KEEPALIVE_US 15000000u      /* an ACK goes out after this long without sending */
 #define DG_UTP_MAX_CONNS 4096              /* connections in one context; SYNs beyond get a RESET */
 
 struct dg_utp;      /* every connection on one port; opaque */
