@@ -3,13 +3,17 @@
 # hold one file of random bytes and one fresh peer fetches all of it from them.
 #
 # usage: bench/swarm_throughput.sh [-s SIZE_MIB] [-n RUNS] [-S "SEEDER COUNTS"] [--build]
-#                                  [--record] [--perf DIR]
+#                                  [--utp] [--record] [--perf DIR]
 #   -s SIZE_MIB   file size (default 256)
 #   -n RUNS       timed runs per case; the median is reported (default 3)
 #   -S COUNTS     the seeder counts to measure, e.g. "1 4" (default "1 4")
 #   --build       run `cmake --build` on the digfs build tree first (it is built anyway when
 #                 the binary is missing)
-#   --record      append the table to bench/RESULTS.md (section "Swarm throughput (issue 3)")
+#   --utp         both sides over uTP only: libtorrent with TCP off and uTP on (lt_swarm.py
+#                 --utp --set enable_outgoing_tcp=false ...), the digfs reader with
+#                 prefer_utp=yes (digfs seeders accept uTP on their UDP port always)
+#   --record      append the table to bench/RESULTS.md (section "Swarm throughput (issue 3)",
+#                 or "uTP throughput (issue 4)" with --utp)
 #   --perf DIR    see below
 # Environment: DIGFS_BIN (default build-release/digfs), LT_PYTHON (a Python with
 # python3-libtorrent 2.0, default /usr/bin/python3), TMPDIR (where the data lives; default
@@ -63,6 +67,7 @@ runs=3
 counts="1 4"
 build=0
 record=0
+utp=0
 perf_dir=
 args_given=("$@")
 while [ $# -gt 0 ]; do
@@ -72,6 +77,7 @@ while [ $# -gt 0 ]; do
     -S) counts=$2; shift 2 ;;
     --build) build=1; shift ;;
     --record) record=1; shift ;;
+    --utp) utp=1; shift ;;
     --perf) perf_dir=$(mkdir -p "$2" && readlink -f "$2"); shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "swarm_throughput.sh: unknown argument: $1" >&2; exit 2 ;;
@@ -119,6 +125,12 @@ fi
 # --- Tools. ----------------------------------------------------------------------------------
 py=${LT_PYTHON:-/usr/bin/python3}
 lt_swarm=$repo/bench/lt_swarm.py
+lt_transport=()
+dg_transport=
+if [ "$utp" = 1 ]; then
+    lt_transport=(--utp --set enable_outgoing_tcp=false --set enable_incoming_tcp=false)
+    dg_transport=,prefer_utp=yes
+fi
 if ! "$py" -c 'import libtorrent' 2>/dev/null; then
     echo "swarm_throughput.sh: $py cannot import libtorrent (apt-get install -y python3-libtorrent," \
         "or set LT_PYTHON)" >&2
@@ -284,7 +296,8 @@ lt_setup()
         fi
         p=$((6880 + i))
         log=$tmp/lt/seed$i.log
-        "$py" "$lt_swarm" seed "$torrent" "$tmp/lt/s$i" --port "$p" >"$log" 2>&1 &
+        "$py" "$lt_swarm" seed "$torrent" "$tmp/lt/s$i" --port "$p" "${lt_transport[@]}" \
+            >"$log" 2>&1 &
         echo $! >>"$pidfile"
         spids+=($!)
         peers+="${peers:+,}127.0.0.1:$p"
@@ -311,7 +324,7 @@ lt_run()
     local n=$1 r=$2 dest=$tmp/lt/dl out secs got
     rm -rf "$dest"
     out=$(tracked "$py" "$lt_swarm" download "$torrent" "$dest" --peers "$(cat "$tmp/lt/peers")" \
-        --timeout 600)
+        --timeout 600 "${lt_transport[@]}")
     secs=$(sed -n 's/.*"seconds": \([0-9.e-]*\).*/\1/p' <<<"$out")
     got=$(sed -n 's/.*"peers": \([0-9]*\).*/\1/p' <<<"$out")
     if [ -z "$secs" ]; then
@@ -423,7 +436,7 @@ dg_run()
     rm -rf "$d"
     rmnt=$d/mnt
     rpid=$(dg_mount "reader-$n-$r" "$rmnt" \
-        "data_dir=$d/data,cache_dir=$d/cache,port=0,bootstrap=none,lsd=no,upnp=no,natpmp=no,peers=$(cat "$tmp/dg/peers")")
+        "data_dir=$d/data,cache_dir=$d/cache,port=0,bootstrap=none,lsd=no,upnp=no,natpmp=no,peers=$(cat "$tmp/dg/peers")$dg_transport")
     # Cold: no peer connected, nothing received, no swarm (the root not looked up yet).
     pre=$(dg_json "$rmnt" '"\(.network.peers) \(.network.bytes_in) \(.swarms | length)"')
     if [ "$pre" != "0 0 0" ]; then
@@ -569,8 +582,8 @@ ltver=$("$py" -c 'import libtorrent; print(libtorrent.__version__)')
 report=$(
     echo "### $(date -u '+%Y-%m-%d %H:%M UTC'), ${size_mib} MiB, commit $commit"
     echo
-    echo "Command: \`bench/swarm_throughput.sh -s $size_mib -n $runs -S \"${counts_a[*]}\"\`  "
-    echo "Machine: $machine; libtorrent $ltver (TCP, v2 torrent, ${lt_piece:-?}-byte pieces)"
+    echo "Command: \`bench/swarm_throughput.sh -s $size_mib -n $runs -S \"${counts_a[*]}\"$([ "$utp" = 1 ] && echo " --utp")\`  "
+    echo "Machine: $machine; libtorrent $ltver ($([ "$utp" = 1 ] && echo "uTP only" || echo TCP), v2 torrent, ${lt_piece:-?}-byte pieces)"
     echo
     echo "$table"
 )
@@ -585,6 +598,7 @@ echo "$report"
 if [ "$record" = 1 ]; then
     results_md=$repo/bench/RESULTS.md
     heading='## Swarm throughput (issue 3)'
+    [ "$utp" = 1 ] && heading='## uTP throughput (issue 4)'
     [ -f "$results_md" ] || printf '# digfs benchmark results\n' >"$results_md"
     grep -qxF "$heading" "$results_md" || printf '\n%s\n' "$heading" >>"$results_md"
     REPORT=$report awk -v h="$heading" '

@@ -1523,6 +1523,23 @@ static int host_traverse(void *arg, const uint8_t key[20], const struct sockaddr
     return dg_traversal_request(e->traversal, key, target, via, relay);
 }
 
+static int host_punch(void *arg, const uint8_t root[32], const uint8_t nonce[16],
+                      const struct sockaddr *peer, int nat, int initiator)
+{
+    struct dg_engine *e = arg;
+
+    if (!e->traversal)
+        return -ENOTSUP;
+    return dg_traversal_punch(e->traversal, root, nonce, peer, (enum dg_nat_class)nat, initiator);
+}
+
+static int host_nat_class(void *arg)
+{
+    struct dg_engine *e = arg;
+
+    return e->traversal ? (int)dg_traversal_nat(e->traversal) : 0;
+}
+
 static int traversal_mapped(void *arg)
 {
     struct dg_engine *e = arg;
@@ -1588,6 +1605,8 @@ static int start_network(struct dg_engine *e)
         sc.host.each_wanted = host_each_wanted;
         sc.host.dht_lookup = host_dht_lookup;
         sc.host.traverse = host_traverse;
+        sc.host.punch = host_punch;
+        sc.host.nat_class = host_nat_class;
         sc.utp = dg_traversal_utp(e->traversal);
         sc.prefer_utp = e->cfg.prefer_utp;
         memcpy(sc.node_id, dg_dht_service_id(e->dht), 20);
@@ -2072,6 +2091,7 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
             net->hp_failed = ti.hp.failed;
             net->hp_forwarded = ti.hp.forwarded;
             net->hp_answered = ti.hp.answered;
+            net->hp_peer_rendezvous = st.rendezvous;
             net->relay_on = ti.relay_on;
             net->relay_port = ti.relay_port;
             net->relay_streams = ti.relay.streams;

@@ -1320,6 +1320,49 @@ int dg_hp_connect(struct dg_hp *hp, const uint8_t key[20], const struct sockaddr
     return 0;
 }
 
+int dg_hp_punch(struct dg_hp *hp, const uint8_t key[20], const uint8_t nonce[DG_HP_NONCE_LEN],
+                const struct sockaddr *peer, enum dg_nat_class peer_nat, int initiator,
+                uint64_t now_ms)
+{
+    struct session *arr;
+    struct addr p;
+    struct session *s;
+
+    if (!hp || !key || !nonce || addr_from_sa(&p, peer) || !addr_real(&p) ||
+        (unsigned)peer_nat > DG_NAT_HARD)
+        return -EINVAL;
+    arr = initiator ? hp->init : hp->resp;
+    enum how how = pick(hp->nat, peer_nat);
+    if (how == HOW_NOTHING)
+        return -EPERM;
+    for (int i = 0; i < DG_HP_MAX_SESSIONS; i++)
+        if ((arr[i].state == S_CONNECTING || arr[i].state == S_PUNCHING) &&
+            (addr_eq(&arr[i].target, &p) || memcmp(arr[i].nonce, nonce, DG_HP_NONCE_LEN) == 0))
+            return -EALREADY;
+    if (!initiator && (how == HOW_SPRAY || how == HOW_BIRTHDAY) &&
+        blind_sessions(hp) >= DG_HP_MAX_BLIND)
+        return -EAGAIN;
+    s = free_session(arr);
+    if (!s)
+        return -EAGAIN;
+    enter(hp);
+    memset(s, 0, sizeof(*s));
+    s->initiator = initiator;
+    memcpy(s->key, key, 20);
+    memcpy(s->nonce, nonce, DG_HP_NONCE_LEN);
+    s->target = p;
+    s->mode = DG_HP_MODE_PUNCH;
+    s->nat = hp->nat;
+    s->started = now_ms;
+    if (initiator)
+        hp->st.connects++;
+    else
+        hp->st.answered++;
+    start_punch(hp, s, &p, peer_nat, how, now_ms);
+    leave(hp);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ input, timers */
 
 int dg_hp_input(struct dg_hp *hp, int path, const uint8_t *buf, size_t len,

@@ -249,6 +249,18 @@ void dg_hp_set_nat(struct dg_hp *hp, enum dg_nat_class c);
 int dg_hp_connect(struct dg_hp *hp, const uint8_t key[20], const struct sockaddr *target,
                   const struct sockaddr *via, enum dg_hp_mode mode, uint64_t now_ms);
 
+/* Starts punching towards @p peer at once, without a rendezvous exchange: both sides got
+ * @p nonce and each other's address and NAT class from a peer connected to both (the peer
+ * wire's holepunch message, docs/PROTOCOL.md section 3.9, in the spirit of BEP 55). The session
+ * then runs as one started by a rendezvous: ops->punched on success (@p initiator 1: B, which
+ * opens the uTP connection), ops->failed (TIMEOUT) at B after DG_HP_PUNCH_TIMEOUT_MS.
+ * @return 0; -EPERM (both NATs hard: ask for a relay instead); -EALREADY (a session with
+ * that peer or nonce runs); -EAGAIN (no free session, or the responder's blind sessions are
+ * at DG_HP_MAX_BLIND); -EINVAL. */
+int dg_hp_punch(struct dg_hp *hp, const uint8_t key[20], const uint8_t nonce[DG_HP_NONCE_LEN],
+                const struct sockaddr *peer, enum dg_nat_class peer_nat, int initiator,
+                uint64_t now_ms);
+
 /* Takes one datagram that came in on @p path from @p from. Call dg_hp_tick afterwards: a new
  * session may want to run sooner than the timer the last tick asked for.
  * @return 1 if it had our magic (consumed, even if malformed), 0 if not. */

@@ -1,7 +1,9 @@
 /* The digfs peer wire codec (docs/PROTOCOL.md section 3). See peer_msg.h. */
 #include "engine/peer_msg.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <string.h>
 
 #include "engine/bencode.h"
@@ -132,6 +134,7 @@ static int parse_payload(uint8_t id, const uint8_t *p, size_t n, struct dg_peer_
         return 0;
     case DG_PEER_MSG_HELLO:
     case DG_PEER_MSG_PEX:
+    case DG_PEER_MSG_HOLEPUNCH:
         /* Delimited only: dg_peer_hello_parse() / dg_peer_pex_parse() judge the contents. */
         out->data = p;
         out->data_len = n;
@@ -531,6 +534,118 @@ int dg_peer_msg_pex(const uint8_t *payload, size_t len, uint8_t *out, size_t cap
     return put_bencoded(DG_PEER_MSG_PEX, payload, len, out, cap);
 }
 
+/* ---- holepunch ---- */
+
+/* The payload length of a holepunch message of @p type with an address of @p alen bytes. */
+static size_t holepunch_len(enum dg_peer_holepunch_type type, size_t alen)
+{
+    size_t head = 2 + alen + 2;
+
+    switch (type) {
+    case DG_PEER_HP_RENDEZVOUS:
+        return head + 1;
+    case DG_PEER_HP_CONNECT:
+        return head + 2 + DG_PEER_HP_NONCE_LEN;
+    case DG_PEER_HP_ERROR:
+        return head + 1;
+    }
+    return 0;
+}
+
+int dg_peer_holepunch_parse(const uint8_t *p, size_t len, struct dg_peer_holepunch *out)
+{
+    size_t alen;
+    uint16_t port;
+
+    memset(out, 0, sizeof(*out));
+    if (len < 2 || p[0] > DG_PEER_HP_ERROR || (p[1] != 4 && p[1] != 6))
+        goto bad;
+    out->type = (enum dg_peer_holepunch_type)p[0];
+    alen = p[1] == 4 ? 4 : 16;
+    if (len != holepunch_len(out->type, alen))
+        goto bad;
+    port = (uint16_t)(p[2 + alen] << 8 | p[3 + alen]);
+    if (port == 0)
+        goto bad;
+    if (alen == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&out->addr;
+        a->sin_family = AF_INET;
+        memcpy(&a->sin_addr, p + 2, 4);
+        a->sin_port = htons(port);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&out->addr;
+        a->sin6_family = AF_INET6;
+        memcpy(&a->sin6_addr, p + 2, 16);
+        a->sin6_port = htons(port);
+    }
+    const uint8_t *q = p + 4 + alen;
+    switch (out->type) {
+    case DG_PEER_HP_RENDEZVOUS:
+        out->nat = q[0];
+        if (out->nat > 3)
+            goto bad;
+        return 0;
+    case DG_PEER_HP_CONNECT:
+        out->nat = q[0];
+        out->initiator = q[1];
+        if (out->nat > 3 || out->initiator > 1)
+            goto bad;
+        memcpy(out->nonce, q + 2, DG_PEER_HP_NONCE_LEN);
+        return 0;
+    case DG_PEER_HP_ERROR:
+        out->error = q[0];
+        if (out->error < DG_PEER_HP_ERR_NO_SUCH_PEER || out->error > DG_PEER_HP_ERR_BUSY)
+            goto bad;
+        return 0;
+    }
+bad:
+    memset(out, 0, sizeof(*out));
+    return -EBADMSG;
+}
+
+int dg_peer_msg_holepunch(const struct dg_peer_holepunch *h, uint8_t *out, size_t cap)
+{
+    uint8_t payload[64];
+    size_t alen, n;
+    uint16_t port;
+    const uint8_t *ip;
+
+    if (h->addr.ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)&h->addr;
+        alen = 4;
+        ip = (const uint8_t *)&a->sin_addr;
+        port = ntohs(a->sin_port);
+    } else if (h->addr.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&h->addr;
+        alen = 16;
+        ip = (const uint8_t *)&a->sin6_addr;
+        port = ntohs(a->sin6_port);
+    } else {
+        return -EINVAL;
+    }
+    if ((unsigned)h->type > DG_PEER_HP_ERROR || port == 0 || h->nat > 3 || h->initiator > 1 ||
+        (h->type == DG_PEER_HP_ERROR &&
+         (h->error < DG_PEER_HP_ERR_NO_SUCH_PEER || h->error > DG_PEER_HP_ERR_BUSY)))
+        return -EINVAL;
+    n = holepunch_len(h->type, alen);
+    payload[0] = (uint8_t)h->type;
+    payload[1] = alen == 4 ? 4 : 6;
+    memcpy(payload + 2, ip, alen);
+    payload[2 + alen] = (uint8_t)(port >> 8);
+    payload[3 + alen] = (uint8_t)port;
+    uint8_t *q = payload + 4 + alen;
+    if (h->type == DG_PEER_HP_ERROR) {
+        q[0] = h->error;
+    } else {
+        q[0] = h->nat;
+        if (h->type == DG_PEER_HP_CONNECT) {
+            q[1] = h->initiator;
+            memcpy(q + 2, h->nonce, DG_PEER_HP_NONCE_LEN);
+        }
+    }
+    return put_bencoded(DG_PEER_MSG_HOLEPUNCH, payload, n, out, cap);
+}
+
 /* ---- hello ---- */
 
 /* Looks a key up in the top-level dict: 1 with its token index in *at, 0 if absent. */
@@ -593,6 +708,10 @@ static int hello_fields(const uint8_t *payload, const struct dg_bencode_token *t
         return rc;
     out->has_len = rc;
     out->len = rc ? (uint64_t)v : 0;
+    if ((rc = get_int_key(payload, toks, n, "nat", 0, 3, &v)) < 0)
+        return rc;
+    out->has_nat = rc;
+    out->nat = rc ? (uint8_t)v : 0;
     if ((rc = get_int_key(payload, toks, n, "p", 1, 65535, &v)) < 0)
         return rc;
     out->has_port = rc;
@@ -653,18 +772,22 @@ int dg_peer_hello_encode(const struct dg_peer_hello *h, uint8_t *out, size_t cap
     struct dg_bencode_writer w;
 
     if ((h->has_len && h->len > DG_PEER_MAX_LENGTH) || (h->has_port && h->port == 0) ||
-        (h->has_pex && h->pex != 0 && h->pex != 1) ||
+        (h->has_nat && h->nat > 3) || (h->has_pex && h->pex != 0 && h->pex != 1) ||
         (h->has_reqq && (h->reqq == 0 || h->reqq > DG_PEER_REQQ_MAX)) ||
         (h->has_v && h->v_len > DG_PEER_VERSION_MAX) ||
         (h->has_yourip && h->yourip_len != 4 && h->yourip_len != 16))
         return -EINVAL;
 
-    /* Keys in byte order: len, p, pex, reqq, root, v, yourip. */
+    /* Keys in byte order: len, nat, p, pex, reqq, root, v, yourip. */
     dg_bencode_writer_init(&w, out, cap);
     dg_bencode_begin_dict(&w);
     if (h->has_len) {
         dg_bencode_put_cstr(&w, "len");
         dg_bencode_put_int(&w, (int64_t)h->len);
+    }
+    if (h->has_nat) {
+        dg_bencode_put_cstr(&w, "nat");
+        dg_bencode_put_int(&w, h->nat);
     }
     if (h->has_port) {
         dg_bencode_put_cstr(&w, "p");

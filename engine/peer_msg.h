@@ -44,6 +44,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #define DG_PEER_HANDSHAKE_LEN 56
 #define DG_PEER_PSTR "digfs/1"
@@ -99,6 +100,7 @@ enum dg_peer_msg_type {
     DG_PEER_MSG_HASHES = 22,
     DG_PEER_MSG_HASH_REJECT = 23,
     DG_PEER_MSG_PEX = 24,
+    DG_PEER_MSG_HOLEPUNCH = 25,
     DG_PEER_MSG_KEEPALIVE = 0x100,
     DG_PEER_MSG_UNKNOWN = 0x101,
 };
@@ -116,8 +118,9 @@ struct dg_peer_msg {
     uint32_t index;       /* HASH_*: index of the first hash in the layer */
     uint8_t proof_layers; /* HASH_* */
     /* BITFIELD: the bits, MSB first; BLOCK: the block's bytes; HASHES: count + proof_layers
-     * hashes of 32 bytes; HELLO, PEX: the bencoded dictionary; UNKNOWN: the payload after the
-     * id. NULL with data_len 0 for the other types. */
+     * hashes of 32 bytes; HELLO, PEX: the bencoded dictionary; HOLEPUNCH: its payload
+     * (dg_peer_holepunch_parse()); UNKNOWN: the payload after the id. NULL with data_len 0 for
+     * the other types. */
     const uint8_t *data;
     size_t data_len;
 };
@@ -316,6 +319,8 @@ int dg_peer_msg_pex(const uint8_t *payload, size_t len, uint8_t *out, size_t cap
 struct dg_peer_hello {
     int has_len;
     uint64_t len; /* the file's length, <= DG_PEER_MAX_LENGTH */
+    int has_nat;
+    uint8_t nat; /* the sender's NAT class, 0..3 (engine/holepunch.h enum dg_nat_class) */
     int has_port;
     uint16_t port; /* listen port, 1..65535 */
     int has_pex;
@@ -338,9 +343,9 @@ struct dg_peer_hello {
  * @param[out] out      the contents, copied (no pointers into @p payload); zeroed on failure.
  * @return 0; -EBADMSG if the payload is not such a dictionary, `root` is missing or not 32
  *         bytes, `len` is negative or over DG_PEER_MAX_LENGTH, `p` is not 1..65535, `pex` is not
- *         0 or 1, `reqq` is not 1..2000, `v` is longer than 32 bytes, or `yourip` is not 4 or 16
- *         bytes. The caller checks that `root` extends the handshake's swarm_key.
- * Reentrant. */
+ *         0 or 1, `reqq` is not 1..2000, `nat` is not 0..3, `v` is longer than 32 bytes, or
+ *         `yourip` is not 4 or 16 bytes. The caller checks that `root` extends the handshake's
+ * swarm_key. Reentrant. */
 int dg_peer_hello_parse(const uint8_t *payload, size_t len, struct dg_peer_hello *out);
 
 /* Writes a hello payload (keys in sorted order, only those whose has_* flag is set, and root).
@@ -377,5 +382,41 @@ int dg_peer_pex_parse(const uint8_t *payload, size_t len, struct dg_peer_pex *ou
  *         count); -ENOBUFS if @p cap is too small (at most 2500 bytes are ever needed).
  * Reentrant. */
 int dg_peer_pex_encode(const struct dg_peer_pex *p, uint8_t *out, size_t cap);
+
+/* ---- holepunch (3.9) ---- */
+
+enum dg_peer_holepunch_type {
+    DG_PEER_HP_RENDEZVOUS = 0, /* to a peer connected to both: bring me @c addr */
+    DG_PEER_HP_CONNECT = 1,    /* from that peer: punch towards @c addr with @c nonce */
+    DG_PEER_HP_ERROR = 2,      /* from that peer: it cannot (@c error) */
+};
+
+enum dg_peer_holepunch_error {
+    DG_PEER_HP_ERR_NO_SUCH_PEER = 1, /* not connected to @c addr in this swarm */
+    DG_PEER_HP_ERR_NO_SELF = 2,      /* the asker's own address is not known (no `p` in hello) */
+    DG_PEER_HP_ERR_BUSY = 3,         /* too many requests */
+};
+
+#define DG_PEER_HP_NONCE_LEN 16
+
+struct dg_peer_holepunch {
+    enum dg_peer_holepunch_type type;
+    struct sockaddr_storage addr; /* AF_INET or AF_INET6, port not 0 */
+    uint8_t nat;                  /* RENDEZVOUS: the asker's NAT class; CONNECT: addr's (0..3) */
+    uint8_t initiator;            /* CONNECT: 1 = the receiver opens the uTP connection */
+    uint8_t nonce[DG_PEER_HP_NONCE_LEN]; /* CONNECT */
+    uint8_t error;                       /* ERROR: enum dg_peer_holepunch_error */
+};
+
+/* Reads a holepunch payload:
+ *   type u8, family u8 (4 or 6), ip (4 or 16 bytes), port u16, then
+ *   RENDEZVOUS: nat u8;  CONNECT: nat u8, initiator u8 (0/1), nonce (16 bytes);  ERROR: error u8.
+ * @return 0, or -EBADMSG (unknown type or family, a length other than the type's, port 0, a
+ *         NAT class over 3, an unknown error code). Reentrant. */
+int dg_peer_holepunch_parse(const uint8_t *payload, size_t len, struct dg_peer_holepunch *out);
+
+/* Writes a whole holepunch message (length, id 25, payload) for @p h.
+ * @return bytes written; -EINVAL (what dg_peer_holepunch_parse() would refuse); -ENOBUFS. */
+int dg_peer_msg_holepunch(const struct dg_peer_holepunch *h, uint8_t *out, size_t cap);
 
 #endif

@@ -111,6 +111,7 @@ char *dg_status_to_json(const struct dg_status *s)
                 add_u64(x, "failed", n->hp_failed);
                 add_u64(x, "forwarded", n->hp_forwarded);
                 add_u64(x, "answered", n->hp_answered);
+                add_u64(x, "rendezvous_for_peers", n->hp_peer_rendezvous);
             }
             if (!n->relay_on) {
                 cJSON_AddNullToObject(d, "relay");

@@ -57,6 +57,7 @@ struct dg_status_network {
     char nat_address[64]; /* our address as most observers see it, or "" */
     uint64_t utp_connections, utp_retransmits, utp_malformed;
     uint64_t hp_connects, hp_punched, hp_relayed, hp_failed, hp_forwarded, hp_answered;
+    uint64_t hp_peer_rendezvous; /* holepunch asks served as a peer connected to both */
     int relay_on;
     unsigned relay_port;
     uint64_t relay_streams, relay_streams_total, relay_bytes;

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/rand.h>
+
 #include "engine/engine.h"
 #include "engine/log.h"
 #include "engine/merkle.h"
@@ -23,12 +25,13 @@
 #define MAX_UNVERIFIED_BLOCKS (1ull << 26) /* holdings tracked for a length not verified yet */
 #define META_TIMEOUT_MS 10000u             /* a metadata request unanswered: ask another peer */
 #define REQUEST_TIMEOUT_MS 60000u          /* a block request unanswered: ask another peer */
-#define STALL_MS 15000u      /* a peer silent this long while it owes us blocks: the path is dead */
-#define URGENT_DUP_MS 1500u  /* a waited-for block this late is also asked elsewhere */
-#define STALE_MS 5000u       /* a silent connection a new one from the same node replaces */
-#define IDLE_SWARM_MS 60000u /* a swarm nobody uses is dropped after this */
-#define DHT_RETRY_MS 5000u   /* DHT lookups of a wanted root without peers... */
-#define DHT_REFRESH_MS 300000u /* ...and again this often while it is wanted */
+#define STALL_MS 15000u     /* a peer silent this long while it owes us blocks: the path is dead */
+#define URGENT_DUP_MS 1500u /* a waited-for block this late is also asked elsewhere */
+#define STALE_MS 5000u      /* a silent connection a new one from the same node replaces */
+#define HP_RENDEZVOUS_PER_MIN 20 /* holepunch rendezvous asks we serve per peer and minute */
+#define IDLE_SWARM_MS 60000u     /* a swarm nobody uses is dropped after this */
+#define DHT_RETRY_MS 5000u       /* DHT lookups of a wanted root without peers... */
+#define DHT_REFRESH_MS 300000u   /* ...and again this often while it is wanted */
 #define CHOKE_ROUND_MS 10000u
 #define OPTIMISTIC_MS 30000u
 #define UNCHOKE_SLOTS 4
@@ -99,7 +102,10 @@ struct peer {
     struct hash_req hreqs[MAX_HASH_OUT]; /* our hash_requests to it */
     unsigned nhreqs;
     uint64_t accounted_in, accounted_out;
-    uint64_t last_in;                 /* when its last message came */
+    uint64_t last_in;   /* when its last message came */
+    uint8_t nat;        /* its NAT class from its hello (0: unknown) */
+    uint64_t hp_window; /* start of the minute its rendezvous asks count in */
+    unsigned hp_count;
     uint64_t got_recent, gave_recent; /* bytes of blocks in this choke round */
     uint64_t rate_in;                 /* bytes per second of blocks, smoothed */
     uint64_t rate_window_start, rate_window_bytes;
@@ -127,8 +133,10 @@ enum traverse_state {
 struct candidate {
     struct sockaddr_storage addr;
     struct sockaddr_storage via; /* the DHT node that gave it (its rendezvous), or family 0 */
-    uint64_t next_try;           /* 0: never tried */
-    uint64_t tried_at;           /* when the last direct attempt started */
+    uint8_t pex_from[20];        /* node id of the peer whose pex named it (a rendezvous too) */
+    int has_pex_from;
+    uint64_t next_try; /* 0: never tried */
+    uint64_t tried_at; /* when the last direct attempt started */
     unsigned failures;
     int connected;
     int traverse; /* enum traverse_state */
@@ -229,6 +237,8 @@ static void drop_peer(struct peer *p);
 static void swarm_dirty(struct swarm *sw);
 static void big_reset(struct swarm *sw);
 static void start_traverse(struct swarm *sw, struct candidate *cand, int relay);
+static int ask_pex_rendezvous(struct swarm *sw, struct candidate *cand);
+static int on_holepunch(struct peer *p, const struct dg_peer_msg *m);
 
 static int bit_get(const uint8_t *bits, uint64_t i)
 {
@@ -443,6 +453,10 @@ static void send_hello(struct peer *p)
     }
     h.has_pex = 1;
     h.pex = 1;
+    if (sw->s->cfg.host.nat_class) {
+        h.has_nat = 1;
+        h.nat = (uint8_t)sw->s->cfg.host.nat_class(sw->s->cfg.host.arg);
+    }
     h.has_reqq = 1;
     h.reqq = DG_SWARM_REQQ;
     h.has_v = 1;
@@ -604,7 +618,7 @@ static void finish_lookups(struct swarm *sw, int status)
 }
 
 static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a,
-                          const struct sockaddr *via)
+                          const struct sockaddr *via, const uint8_t *pex_from)
 {
     struct dg_swarms *s = sw->s;
 
@@ -616,6 +630,10 @@ static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a,
         if (same_addr(&sw->cands[i].addr, a)) {
             if (via && !sw->cands[i].via.ss_family)
                 memcpy(&sw->cands[i].via, via, sockaddr_len(via));
+            if (pex_from) {
+                memcpy(sw->cands[i].pex_from, pex_from, 20);
+                sw->cands[i].has_pex_from = 1;
+            }
             return;
         }
     }
@@ -632,6 +650,10 @@ static void add_candidate(struct swarm *sw, const struct sockaddr_storage *a,
     memset(&sw->cands[sw->ncands], 0, sizeof(sw->cands[0]));
     if (via)
         memcpy(&sw->cands[sw->ncands].via, via, sockaddr_len(via));
+    if (pex_from) {
+        memcpy(sw->cands[sw->ncands].pex_from, pex_from, 20);
+        sw->cands[sw->ncands].has_pex_from = 1;
+    }
     sw->cands[sw->ncands++].addr = *a;
     swarm_dirty(sw);
 }
@@ -670,7 +692,7 @@ static struct swarm *swarm_new(struct dg_swarms *s, const uint8_t root[32])
         sw->pinned = (info.flags & DG_ROOT_PINNED) != 0;
     }
     for (size_t i = 0; i < s->nstatics; i++)
-        add_candidate(sw, &s->statics[i], NULL);
+        add_candidate(sw, &s->statics[i], NULL, NULL);
     sw->next = s->swarms;
     s->swarms = sw;
     s->stats.swarms++;
@@ -1429,7 +1451,7 @@ static void on_pex(struct peer *p, const struct dg_peer_msg *m)
         a4->sin_family = AF_INET;
         memcpy(&a4->sin_addr, pex.added + 6 * i, 4);
         memcpy(&a4->sin_port, pex.added + 6 * i + 4, 2);
-        add_candidate(p->sw, &a, NULL);
+        add_candidate(p->sw, &a, NULL, p->got_hello ? p->node_id : NULL);
     }
     for (size_t i = 0; pex.added6 && i < pex.added6_n; i++) {
         struct sockaddr_storage a = {0};
@@ -1437,7 +1459,7 @@ static void on_pex(struct peer *p, const struct dg_peer_msg *m)
         a6->sin6_family = AF_INET6;
         memcpy(&a6->sin6_addr, pex.added6 + 18 * i, 16);
         memcpy(&a6->sin6_port, pex.added6 + 18 * i + 16, 2);
-        add_candidate(p->sw, &a, NULL);
+        add_candidate(p->sw, &a, NULL, p->got_hello ? p->node_id : NULL);
     }
 }
 
@@ -1462,6 +1484,7 @@ static int on_hello(struct peer *p, const struct dg_peer_msg *m)
     p->reqq = h.has_reqq ? h.reqq : DG_PEER_REQQ_DEFAULT;
     p->target = p->reqq < MIN_PIPELINE ? p->reqq : MIN_PIPELINE;
     p->pex = h.has_pex && h.pex;
+    p->nat = h.has_nat ? h.nat : 0;
     if (h.has_port) {
         p->listen = *dg_peer_conn_addr(p->conn);
         if (p->listen.ss_family == AF_INET)
@@ -1803,6 +1826,9 @@ static int on_message(struct dg_peer_conn *c, const struct dg_peer_msg *m)
     case DG_PEER_MSG_PEX:
         on_pex(p, m);
         break;
+    case DG_PEER_MSG_HOLEPUNCH:
+        rc = on_holepunch(p, m);
+        break;
     default:
         break;
     }
@@ -2039,11 +2065,17 @@ static void start_traverse(struct swarm *sw, struct candidate *cand, int relay)
 {
     struct dg_swarms *s = sw->s;
 
-    if (!cand->via.ss_family || !s->cfg.host.traverse)
-        return;
     if (cand->traverse == TRAVERSE_DONE ||
         (!relay && cand->traverse != TRAVERSE_NONE && cand->traverse != TRAVERSE_FAILED))
         return;
+    if (!cand->via.ss_family || !s->cfg.host.traverse) {
+        /* No DHT node to ask: a peer that told us of it (pex) may bring us together. */
+        if (!relay && ask_pex_rendezvous(sw, cand))
+            return;
+        if (relay)
+            cand->traverse = TRAVERSE_FAILED;
+        return;
+    }
     if (s->cfg.host.traverse(s->cfg.host.arg, sw->root, (const struct sockaddr *)&cand->addr,
                              (const struct sockaddr *)&cand->via, relay) < 0) {
         cand->traverse = TRAVERSE_FAILED;
@@ -2056,6 +2088,137 @@ static void start_traverse(struct swarm *sw, struct candidate *cand, int relay)
     format_addr(&cand->via, via, sizeof(via));
     dg_log(DG_LOG_DEBUG, "swarm", "%s to %s through %s", relay ? "relay" : "hole punching", name,
            via);
+}
+
+/* Fills @p buf with random bytes (OpenSSL's CSPRNG; a nonce that must not be guessed). */
+static void random_bytes(uint8_t *buf, size_t len)
+{
+    if (RAND_bytes(buf, (int)len) != 1) {
+        uint64_t t = uv_hrtime();
+        for (size_t i = 0; i < len; i++)
+            buf[i] = (uint8_t)(t >> (8 * (i % 8))) ^ (uint8_t)(i * 151);
+    }
+}
+
+/* The peer of @p sw with node id @p id past its hello, or NULL. */
+static struct peer *peer_by_id(struct swarm *sw, const uint8_t id[20])
+{
+    for (struct peer *p = sw->peers; p; p = p->next)
+        if (p->got_hello && memcmp(p->node_id, id, 20) == 0)
+            return p;
+    return NULL;
+}
+
+/* The peer of @p sw past its hello that listens at @p a, or NULL. */
+static struct peer *peer_by_listen(struct swarm *sw, const struct sockaddr_storage *a)
+{
+    for (struct peer *p = sw->peers; p; p = p->next)
+        if (p->got_hello && p->listen.ss_family && same_addr(&p->listen, a))
+            return p;
+    return NULL;
+}
+
+static void send_holepunch(struct peer *p, const struct dg_peer_holepunch *h)
+{
+    uint8_t msg[96];
+
+    send_buf(p, msg, dg_peer_msg_holepunch(h, msg, sizeof(msg)));
+}
+
+/* Asks the peer whose pex named @p cand to bring us together (3.9). @return 1 if asked. */
+static int ask_pex_rendezvous(struct swarm *sw, struct candidate *cand)
+{
+    struct dg_swarms *s = sw->s;
+    struct peer *via = cand->has_pex_from ? peer_by_id(sw, cand->pex_from) : NULL;
+    struct dg_peer_holepunch h = {.type = DG_PEER_HP_RENDEZVOUS};
+
+    if (!via || !s->cfg.host.punch)
+        return 0;
+    h.addr = cand->addr;
+    h.nat = s->cfg.host.nat_class ? (uint8_t)s->cfg.host.nat_class(s->cfg.host.arg) : 0;
+    send_holepunch(via, &h);
+    cand->traverse = TRAVERSE_PUNCH;
+    s->stats.traversals++;
+    char name[64];
+    format_addr(&cand->addr, name, sizeof(name));
+    dg_log(DG_LOG_DEBUG, "swarm", "hole punching to %s through a peer connected to both", name);
+    return 1;
+}
+
+/* holepunch (3.9): a peer asks us to bring it together with another one of ours, or one of
+ * ours does so for us. */
+static int on_holepunch(struct peer *p, const struct dg_peer_msg *m)
+{
+    struct swarm *sw = p->sw;
+    struct dg_swarms *s = sw->s;
+    struct dg_peer_holepunch h, out = {0};
+    uint64_t now = now_ms(s);
+
+    if (dg_peer_holepunch_parse(m->data, m->data_len, &h) < 0)
+        return DG_PEER_CLOSE_MALFORMED;
+    switch (h.type) {
+    case DG_PEER_HP_RENDEZVOUS: {
+        struct peer *target = peer_by_listen(sw, &h.addr);
+        if (now - p->hp_window >= 60000) {
+            p->hp_window = now;
+            p->hp_count = 0;
+        }
+        out.type = DG_PEER_HP_ERROR;
+        out.addr = h.addr;
+        if (++p->hp_count > HP_RENDEZVOUS_PER_MIN)
+            out.error = DG_PEER_HP_ERR_BUSY;
+        else if (!p->listen.ss_family || p->listen.ss_family != h.addr.ss_family)
+            out.error = DG_PEER_HP_ERR_NO_SELF;
+        else if (!target || target == p)
+            out.error = DG_PEER_HP_ERR_NO_SUCH_PEER;
+        if (out.error) {
+            send_holepunch(p, &out);
+            return 0;
+        }
+        out.type = DG_PEER_HP_CONNECT;
+        random_bytes(out.nonce, sizeof(out.nonce));
+        out.addr = p->listen; /* to the target: punch towards the asker */
+        out.nat = h.nat;
+        out.initiator = 0;
+        send_holepunch(target, &out);
+        out.addr = target->listen; /* to the asker: punch towards the target, then connect */
+        out.nat = target->nat;
+        out.initiator = 1;
+        send_holepunch(p, &out);
+        s->stats.rendezvous++;
+        return 0;
+    }
+    case DG_PEER_HP_CONNECT: {
+        struct candidate *cand = candidate_of(sw, &h.addr);
+        if (h.initiator && (!cand || cand->traverse != TRAVERSE_PUNCH))
+            return 0; /* we asked for nothing of the kind */
+        if (now - p->hp_window >= 60000) {
+            p->hp_window = now;
+            p->hp_count = 0;
+        }
+        if (++p->hp_count > HP_RENDEZVOUS_PER_MIN)
+            return 0; /* a peer making us probe address after address */
+        int rc = s->cfg.host.punch
+                     ? s->cfg.host.punch(s->cfg.host.arg, sw->root, h.nonce,
+                                         (const struct sockaddr *)&h.addr, h.nat, h.initiator)
+                     : -ENOTSUP;
+        if (rc < 0 && h.initiator && cand) {
+            cand->traverse = TRAVERSE_NONE;
+            if (rc == -EPERM && cand->via.ss_family)
+                start_traverse(sw, cand, 1); /* both NATs hard: a relay, if a DHT node has one */
+            else
+                cand->traverse = TRAVERSE_FAILED;
+        }
+        return 0;
+    }
+    case DG_PEER_HP_ERROR: {
+        struct candidate *cand = candidate_of(sw, &h.addr);
+        if (cand && cand->traverse == TRAVERSE_PUNCH)
+            cand->traverse = TRAVERSE_FAILED;
+        return 0;
+    }
+    }
+    return 0;
 }
 
 /* Whether a connection to @p cand got past the hello. */
@@ -2073,7 +2236,8 @@ static void traverse_slow(struct swarm *sw, uint64_t now)
 {
     for (size_t i = 0; i < sw->ncands; i++) {
         struct candidate *cand = &sw->cands[i];
-        if (cand->connected && cand->traverse == TRAVERSE_NONE && cand->via.ss_family &&
+        if (cand->connected && cand->traverse == TRAVERSE_NONE &&
+            (cand->via.ss_family || cand->has_pex_from) &&
             now - cand->tried_at >= TRAVERSE_AFTER_MS && !cand_connected(sw, cand))
             start_traverse(sw, cand, 0);
     }
@@ -2690,7 +2854,7 @@ void dg_swarms_found(struct dg_swarms *s, const uint8_t key[20], const struct dg
         } else {
             continue;
         }
-        add_candidate(sw, &a, via);
+        add_candidate(sw, &a, via, NULL);
     }
     connect_more(sw, now_ms(s));
 }

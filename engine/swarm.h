@@ -75,6 +75,14 @@ struct dg_swarm_host {
      * @return 0, or -errno if it cannot be tried. NULL: no NAT traversal. */
     int (*traverse)(void *arg, const uint8_t key[20], const struct sockaddr *target,
                     const struct sockaddr *via, int relay);
+    /* A peer connected to both brought us together with @p peer (holepunch message, 3.9):
+     * punch towards it with @p nonce (engine/holepunch.h dg_hp_punch); @p initiator: we open
+     * the uTP connection (dg_swarms_punched() follows). @return 0 or -errno (-EPERM: both NATs
+     * hard). NULL: no hole punching. */
+    int (*punch)(void *arg, const uint8_t root[32], const uint8_t nonce[16],
+                 const struct sockaddr *peer, int nat, int initiator);
+    /* Our NAT class (enum dg_nat_class), told to peers in the hello. NULL: unknown. */
+    int (*nat_class)(void *arg);
 };
 
 struct dg_swarms_config {
@@ -101,6 +109,7 @@ struct dg_swarm_stats {
     uint64_t malformed;  /* connections closed for malformed or rule-breaking messages */
     uint64_t announces;  /* announces started */
     uint64_t traversals; /* NAT traversals asked of a rendezvous (punch or relay) */
+    uint64_t rendezvous; /* holepunch asks we served as the peer connected to both (3.9) */
 };
 
 /* One swarm's numbers, for `digfs status`. */

@@ -521,6 +521,22 @@ int dg_traversal_request(struct dg_traversal *t, const uint8_t key[20],
     return rc;
 }
 
+int dg_traversal_punch(struct dg_traversal *t, const uint8_t key[20], const uint8_t nonce[16],
+                       const struct sockaddr *peer, enum dg_nat_class peer_nat, int initiator)
+{
+    int rc;
+
+    if (!t->cfg.holepunch)
+        return -ENOTSUP;
+    if (t->stopping)
+        return -ESHUTDOWN;
+    rc = dg_hp_punch(t->hp, key, nonce, peer, peer_nat, initiator, now_ms(t));
+    dg_log(DG_LOG_DEBUG, LOG_MODULE, "punching for a peer connected to both (%s): %d",
+           initiator ? "we connect" : "they connect", rc);
+    hp_kick(t);
+    return rc;
+}
+
 enum dg_nat_class dg_traversal_nat(const struct dg_traversal *t)
 {
     return t->nat;

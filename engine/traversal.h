@@ -83,6 +83,12 @@ void dg_traversal_set_swarms(struct dg_traversal *t, struct dg_swarms *swarms);
 int dg_traversal_request(struct dg_traversal *t, const uint8_t key[20],
                          const struct sockaddr *target, const struct sockaddr *via, int relay);
 
+/* Starts punching towards @p peer with @p nonce, as a peer connected to both told us to
+ * (struct dg_swarm_host's punch; see dg_hp_punch()). @return 0 or -errno (-ENOTSUP when hole
+ * punching is off, -EPERM when both NATs are hard). */
+int dg_traversal_punch(struct dg_traversal *t, const uint8_t key[20], const uint8_t nonce[16],
+                       const struct sockaddr *peer, enum dg_nat_class peer_nat, int initiator);
+
 /* Our NAT class as last worked out. */
 enum dg_nat_class dg_traversal_nat(const struct dg_traversal *t);
 

@@ -89,6 +89,27 @@ static void check_pex(const uint8_t *p, size_t len)
         abort();
 }
 
+/* A holepunch payload: what parses encodes back to the same bytes, and only that. */
+static void check_holepunch(const uint8_t *p, size_t len)
+{
+    struct dg_peer_holepunch h, again;
+    uint8_t out[128];
+    int rc = dg_peer_holepunch_parse(p, len, &h);
+
+    if (rc != 0) {
+        if (rc != -EBADMSG)
+            abort();
+        return;
+    }
+    int n = dg_peer_msg_holepunch(&h, out, sizeof(out));
+    if (n != (int)(5 + len) || memcmp(out + 5, p, len) != 0 || out[4] != DG_PEER_MSG_HOLEPUNCH)
+        abort();
+    if (dg_peer_holepunch_parse(out + 5, len, &again) != 0 || memcmp(&h, &again, sizeof(h)) != 0)
+        abort();
+    if (dg_peer_msg_holepunch(&h, out, (size_t)n - 1) != -ENOBUFS)
+        abort();
+}
+
 /* Encodes @p m again with its encoder; returns the result (-1 for UNKNOWN). */
 static int encode(const struct dg_peer_msg *m, uint8_t *out, size_t cap)
 {
@@ -193,8 +214,11 @@ static void check_frame(const uint8_t *frame, size_t len)
         return;
     int n = encode(&m, out, len);
     if (m.type == DG_PEER_MSG_UNKNOWN) {
-        if (m.id <= DG_PEER_MSG_HAVE_NONE || (m.id >= DG_PEER_MSG_HELLO && m.id <= DG_PEER_MSG_PEX))
+        if (m.id <= DG_PEER_MSG_HAVE_NONE ||
+            (m.id >= DG_PEER_MSG_HELLO && m.id <= DG_PEER_MSG_HOLEPUNCH))
             abort();
+    } else if (m.type == DG_PEER_MSG_HOLEPUNCH) {
+        /* delimited only here; check_holepunch() judges the payload */
     } else if (m.type == DG_PEER_MSG_HASH_REQUEST &&
                (m.count == 0 || m.count > DG_PEER_HASH_MAX_COUNT ||
                 m.proof_layers > DG_PEER_HASH_MAX_PROOF)) {
@@ -214,6 +238,8 @@ static void check_frame(const uint8_t *frame, size_t len)
         check_hello(m.data, m.data_len);
     if (m.type == DG_PEER_MSG_PEX)
         check_pex(m.data, m.data_len);
+    if (m.type == DG_PEER_MSG_HOLEPUNCH)
+        check_holepunch(m.data, m.data_len);
     if (m.type == DG_PEER_MSG_BLOCK) {
         uint8_t hdr[DG_PEER_BLOCK_HEADER_LEN];
         if (dg_peer_msg_block_header(m.block, m.data_len, hdr) != DG_PEER_BLOCK_HEADER_LEN ||
@@ -255,6 +281,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_handshake(copy, size);
     check_hello(copy, size);
     check_pex(copy, size);
+    check_holepunch(copy, size);
 
     while (off < size) {
         size_t left = size - off, flen = 12345;

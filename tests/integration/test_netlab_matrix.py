@@ -350,5 +350,42 @@ def test_router_restart_loses_mapping():
                 x.cleanup()
 
 
+def test_punch_through_a_peer():
+    """Hole punching through a peer connected to both (docs/PROTOCOL.md 3.9, in the spirit of
+    BEP 55), with no DHT on the reader's side. A (easy NAT) shares a 64 MiB file; P (public)
+    reads its first MiB through the DHT, so P is connected to A. B (another easy NAT) has no
+    DHT at all (bootstrap=none), only P's address (peers=). B reads the first MiB from P, and
+    P's pex names A; B cannot reach A directly, so it asks P, which sends both a holepunch
+    connect: B ends up with a uTP connection to A over a punched hole, and reads from it."""
+    with lab() as L:
+        hosts, m, mounts = _small_world(L, {"a": "easy", "p": "public"})
+        rb = L.router("b-r", kind="easy")
+        hb = L.behind(rb, "b")
+        try:
+            b = LabMount(L, hb, "fx-b", [f"port={PORT}", "bootstrap=none",
+                                         f"peers={hosts['p'].addr}:{PORT}", "read_timeout=90",
+                                         "lookup_timeout=40", "announce_cached=no"])
+            mounts.append(b)
+            data = T.data_of(64 * (1 << 20) + 77, 8104)
+            root = T.share(m["a"], "via-peer.bin", data)
+            T.check_bytes(_read_at(m["p"].by_hash(root), 0, 1 << 20), data[:1 << 20],
+                          "P reads A's first MiB")
+            T.check_bytes(_read_at(b.by_hash(root), 0, 1 << 20), data[:1 << 20],
+                          "B reads the first MiB (from P)")
+            T.wait_until(lambda: _punched_peers(b, root) >= 1,
+                         "B to reach A over a hole punched through P", timeout=60, interval=0.5)
+            served = T.status_json(m["p"])["network"]["nat"]["holepunch"]["rendezvous_for_peers"]
+            check(served >= 1, "P served the rendezvous", served)
+            check_eq(T.status_json(b)["network"]["dht"]["nodes"], 0,
+                     "DHT nodes B knows (none could be its rendezvous)")
+            off = 40 * (1 << 20)
+            T.check_bytes(_read_at(b.by_hash(root), off, 2 * (1 << 20)),
+                          data[off:off + 2 * (1 << 20)], "B reads further on")
+            print(f"    B: {_swarm_of(b, root).get('peers_by')}; P served {served} rendezvous")
+        finally:
+            for x in mounts:
+                x.cleanup()
+
+
 if __name__ == "__main__":
     T.main()

@@ -1073,6 +1073,54 @@ static void test_codec_rejects(void **state)
 
 /* ---- punching across every pair of NATs ---- */
 
+/* Punching started by a peer connected to both (dg_hp_punch): both sides get the same nonce
+ * and each other's address; D takes no part. Every pair but hard x hard punches. */
+static void test_matrix_punch_direct(void **state)
+{
+    static const enum dg_nat_class cls[] = {DG_NAT_NONE, DG_NAT_EASY, DG_NAT_HARD};
+    uint8_t nonce[DG_HP_NONCE_LEN];
+
+    (void)state;
+    memset(nonce, 0x5a, sizeof(nonce));
+    for (int bk = K_NONE; bk <= K_HARD; bk++) {
+        for (int ak = K_NONE; ak <= K_HARD; ak++) {
+            world_start((enum kind)bk, (enum kind)ak, 300 + (uint64_t)(3 * bk + ak));
+            struct sockaddr_in to_a = sin4(A_IP, MAIN_PORT), to_b = sin4(B_IP, MAIN_PORT);
+            int rb =
+                dg_hp_punch(w.b->hp, KEY, nonce, (struct sockaddr *)&to_a, cls[ak], 1, w.n->now);
+            int ra =
+                dg_hp_punch(w.a->hp, KEY, nonce, (struct sockaddr *)&to_b, cls[bk], 0, w.n->now);
+            if (bk == K_HARD && ak == K_HARD) {
+                assert_int_equal(rb, -EPERM);
+                assert_int_equal(ra, -EPERM);
+                world_end();
+                continue;
+            }
+            assert_int_equal(rb, 0);
+            assert_int_equal(ra, 0);
+            /* the same nonce or peer twice is refused */
+            assert_int_equal(
+                dg_hp_punch(w.b->hp, KEY, nonce, (struct sockaddr *)&to_a, cls[ak], 1, w.n->now),
+                -EALREADY);
+            do_tick(w.b);
+            do_tick(w.a);
+            run(w.n, 20000, both_punched_or_failed);
+            assert_int_equal(w.b->failed, 0);
+            assert_int_equal(w.b->punched, 1);
+            assert_int_equal(w.a->punched, 1);
+            assert_int_equal(w.b->punched_initiator, 1);
+            assert_int_equal(w.a->punched_initiator, 0);
+            assert_int_equal(w.b->punched_ip, A_IP);
+            assert_int_equal(w.a->punched_ip, B_IP);
+            check_reach();
+            assert_int_equal(w.d->sent_type[DG_HP_PUNCH], 0); /* no rendezvous involved */
+            run(w.n, 30000, NULL);
+            check_idle();
+            world_end();
+        }
+    }
+}
+
 /* Every pair of NATs: punched on both sides (and reachable), or both hard. */
 static void test_matrix_punch(void **state)
 {
@@ -1980,6 +2028,7 @@ int main(void)
         cmocka_unit_test(test_codec_round_trip),
         cmocka_unit_test(test_codec_rejects),
         cmocka_unit_test(test_matrix_punch),
+        cmocka_unit_test(test_matrix_punch_direct),
         cmocka_unit_test(test_matrix_relay),
         cmocka_unit_test(test_birthday_easy_hard),
         cmocka_unit_test(test_birthday_hard_easy),

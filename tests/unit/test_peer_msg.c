@@ -10,7 +10,9 @@
 
 #include <cmocka.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -518,9 +520,84 @@ static void test_round_trip_bencoded(void **state)
 
 /* ---- unknown ids ---- */
 
+/* holepunch (3.9): every type, IPv4 and IPv6, round trip and exact bytes; bad fields. */
+static void test_holepunch_codec(void **state)
+{
+    struct dg_peer_holepunch h = {0}, back;
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&h.addr;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&h.addr;
+    uint8_t out[128];
+    struct dg_peer_msg m;
+
+    (void)state;
+    for (int fam = 0; fam < 2; fam++) {
+        for (int type = DG_PEER_HP_RENDEZVOUS; type <= DG_PEER_HP_ERROR; type++) {
+            memset(&h, 0, sizeof(h));
+            if (fam == 0) {
+                a4->sin_family = AF_INET;
+                a4->sin_addr.s_addr = htonl(0xcb007101u);
+                a4->sin_port = htons(6881);
+            } else {
+                a6->sin6_family = AF_INET6;
+                a6->sin6_addr.s6_addr[0] = 0x20;
+                a6->sin6_addr.s6_addr[15] = 7;
+                a6->sin6_port = htons(51413);
+            }
+            h.type = (enum dg_peer_holepunch_type)type;
+            if (type == DG_PEER_HP_ERROR) {
+                h.error = DG_PEER_HP_ERR_NO_SUCH_PEER;
+            } else {
+                h.nat = 3;
+                if (type == DG_PEER_HP_CONNECT) {
+                    h.initiator = 1;
+                    memset(h.nonce, 0xa5, sizeof(h.nonce));
+                }
+            }
+            size_t alen = fam == 0 ? 4 : 16;
+            size_t plen = 4 + alen + (type == DG_PEER_HP_CONNECT ? 18 : 1);
+            int n = dg_peer_msg_holepunch(&h, out, sizeof(out));
+            assert_int_equal(n, (int)(5 + plen));
+            assert_int_equal(out[4], DG_PEER_MSG_HOLEPUNCH);
+            assert_int_equal(out[5], type);
+            assert_int_equal(out[6], fam == 0 ? 4 : 6);
+            assert_int_equal(out[7 + alen], fam == 0 ? 6881 >> 8 : 51413 >> 8);
+            assert_int_equal(dg_peer_msg_parse(out, (size_t)n, &m), 0);
+            assert_int_equal(m.type, DG_PEER_MSG_HOLEPUNCH);
+            assert_int_equal(dg_peer_holepunch_parse(m.data, m.data_len, &back), 0);
+            assert_memory_equal(&back, &h, sizeof(h));
+            assert_int_equal(dg_peer_holepunch_parse(m.data, m.data_len - 1, &back), -EBADMSG);
+            assert_int_equal(dg_peer_msg_holepunch(&h, out, (size_t)n - 1), -ENOBUFS);
+        }
+    }
+    /* Fields out of range: refused both ways. */
+    uint8_t p[] = {DG_PEER_HP_RENDEZVOUS, 4, 1, 2, 3, 4, 0x1a, 0xe1, 2};
+    assert_int_equal(dg_peer_holepunch_parse(p, sizeof(p), &back), 0);
+    p[8] = 4; /* NAT class */
+    assert_int_equal(dg_peer_holepunch_parse(p, sizeof(p), &back), -EBADMSG);
+    p[8] = 2;
+    p[6] = p[7] = 0; /* port 0 */
+    assert_int_equal(dg_peer_holepunch_parse(p, sizeof(p), &back), -EBADMSG);
+    p[7] = 1;
+    p[1] = 5; /* family */
+    assert_int_equal(dg_peer_holepunch_parse(p, sizeof(p), &back), -EBADMSG);
+    p[1] = 4;
+    p[0] = 3; /* type */
+    assert_int_equal(dg_peer_holepunch_parse(p, sizeof(p), &back), -EBADMSG);
+    p[0] = DG_PEER_HP_ERROR;
+    p[8] = 0; /* error code */
+    assert_int_equal(dg_peer_holepunch_parse(p, sizeof(p), &back), -EBADMSG);
+    memset(&h, 0, sizeof(h));
+    assert_int_equal(dg_peer_msg_holepunch(&h, out, sizeof(out)), -EINVAL); /* no address */
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons(1);
+    h.type = DG_PEER_HP_CONNECT;
+    h.initiator = 2;
+    assert_int_equal(dg_peer_msg_holepunch(&h, out, sizeof(out)), -EINVAL);
+}
+
 static void test_unknown_ids(void **state)
 {
-    static const uint8_t ids[] = {12, 13, 19, 25, 100, 255};
+    static const uint8_t ids[] = {12, 13, 19, 26, 100, 255};
     static const uint8_t payload[] = {1, 2, 3};
     struct dg_peer_msg m;
 
@@ -1346,7 +1423,7 @@ int main(void)
         cmocka_unit_test(test_check_have),        cmocka_unit_test(test_check_bitfield),
         cmocka_unit_test(test_tree_shape),        cmocka_unit_test(test_check_hash_request),
         cmocka_unit_test(test_hello_rules),       cmocka_unit_test(test_hello_encode_args),
-        cmocka_unit_test(test_pex_rules),
+        cmocka_unit_test(test_pex_rules),         cmocka_unit_test(test_holepunch_codec),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
