@@ -1540,6 +1540,14 @@ static int host_nat_class(void *arg)
     return e->traversal ? (int)dg_traversal_nat(e->traversal) : 0;
 }
 
+static void host_observed(void *arg, const struct sockaddr *ip, const struct sockaddr *reporter)
+{
+    struct dg_engine *e = arg;
+
+    if (e->traversal)
+        dg_traversal_peer_observed(e->traversal, ip, reporter);
+}
+
 static int traversal_mapped(void *arg)
 {
     struct dg_engine *e = arg;
@@ -1607,6 +1615,7 @@ static int start_network(struct dg_engine *e)
         sc.host.traverse = host_traverse;
         sc.host.punch = host_punch;
         sc.host.nat_class = host_nat_class;
+        sc.host.observed = host_observed;
         sc.utp = dg_traversal_utp(e->traversal);
         sc.prefer_utp = e->cfg.prefer_utp;
         memcpy(sc.node_id, dg_dht_service_id(e->dht), 20);
@@ -2082,6 +2091,8 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
             net->nat_observers = ti.observers;
             net->nat_ports = ti.ports;
             snprintf(net->nat_address, sizeof(net->nat_address), "%s", ti.address);
+            snprintf(net->nat_peers_see, sizeof(net->nat_peers_see), "%s", ti.peers_see);
+            net->nat_peer_reports = ti.peer_reports;
             net->utp_connections = ti.utp_connections;
             net->utp_retransmits = ti.utp.retransmits;
             net->utp_malformed = ti.utp.malformed;

@@ -99,6 +99,11 @@ char *dg_status_to_json(const struct dg_status *s)
                 cJSON_AddStringToObject(d, "address", n->nat_address);
             else
                 cJSON_AddNullToObject(d, "address");
+            if (n->nat_peers_see[0])
+                cJSON_AddStringToObject(d, "peers_see", n->nat_peers_see);
+            else
+                cJSON_AddNullToObject(d, "peers_see");
+            add_u64(d, "peer_reports", n->nat_peer_reports);
             if ((x = cJSON_AddObjectToObject(d, "utp"))) {
                 add_u64(x, "connections", n->utp_connections);
                 add_u64(x, "retransmits", n->utp_retransmits);

@@ -54,7 +54,9 @@ struct dg_status_network {
     char nat_class[16];  /* "unknown", "none", "easy", "hard" (engine/holepunch.h) */
     char nat_reason[64]; /* how it was decided */
     uint64_t nat_observers, nat_ports;
-    char nat_address[64]; /* our address as most observers see it, or "" */
+    char nat_address[64];   /* our address as most observers see it, or "" */
+    char nat_peers_see[64]; /* our IP as most peers report it (hello yourip), or "" */
+    uint64_t nat_peer_reports;
     uint64_t utp_connections, utp_retransmits, utp_malformed;
     uint64_t hp_connects, hp_punched, hp_relayed, hp_failed, hp_forwarded, hp_answered;
     uint64_t hp_peer_rendezvous; /* holepunch asks served as a peer connected to both */

@@ -1485,6 +1485,13 @@ static int on_hello(struct peer *p, const struct dg_peer_msg *m)
     p->target = p->reqq < MIN_PIPELINE ? p->reqq : MIN_PIPELINE;
     p->pex = h.has_pex && h.pex;
     p->nat = h.has_nat ? h.nat : 0;
+    if (h.has_yourip && h.yourip_len == 4 && sw->s->cfg.host.observed &&
+        dg_peer_conn_transport(p->conn) != DG_PEER_TRANSPORT_RELAY) {
+        struct sockaddr_in seen = {.sin_family = AF_INET};
+        memcpy(&seen.sin_addr, h.yourip, 4);
+        sw->s->cfg.host.observed(sw->s->cfg.host.arg, (const struct sockaddr *)&seen,
+                                 (const struct sockaddr *)dg_peer_conn_addr(p->conn));
+    }
     if (h.has_port) {
         p->listen = *dg_peer_conn_addr(p->conn);
         if (p->listen.ss_family == AF_INET)

@@ -83,6 +83,8 @@ struct dg_swarm_host {
                  const struct sockaddr *peer, int nat, int initiator);
     /* Our NAT class (enum dg_nat_class), told to peers in the hello. NULL: unknown. */
     int (*nat_class)(void *arg);
+    /* A peer at @p reporter says it sees us at IP @p ip (its hello's `yourip`). NULL: ignored. */
+    void (*observed)(void *arg, const struct sockaddr *ip, const struct sockaddr *reporter);
 };
 
 struct dg_swarms_config {

@@ -46,6 +46,12 @@ struct dg_traversal {
     struct path *paths;
     size_t npaths;
     int next_path_id;
+    struct {
+        uint32_t reporter, ip; /* IPv4, network order */
+    } reports[DG_TRAVERSAL_PEER_REPORTS];
+    size_t nreports, next_report;
+    uint32_t peers_ip; /* what most of them say, 0: no majority of two */
+    size_t peers_ip_count;
     enum dg_nat_class nat;
     const char *nat_reason;
     size_t observers, ports;
@@ -406,9 +412,18 @@ static void classify(struct dg_traversal *t)
         inet_ntop(AF_INET, &a4->sin_addr, ip, sizeof(ip));
         snprintf(t->address, sizeof(t->address), "%s:%u", ip, ntohs(a4->sin_port));
     }
+    struct sockaddr_storage by_peers = {0};
+    if (t->peers_ip) {
+        struct sockaddr_in *a4 = (struct sockaddr_in *)&by_peers;
+        a4->sin_family = AF_INET;
+        a4->sin_addr.s_addr = t->peers_ip;
+    }
     if (m.observers > 0 && is_local_address(&m.addr)) {
         c = DG_NAT_NONE;
         why = "public address";
+    } else if (m.observers < 2 && t->peers_ip && is_local_address(&by_peers)) {
+        c = DG_NAT_NONE;
+        why = "public address (as peers report it)";
     } else if (t->cfg.mapped && t->cfg.mapped(t->cfg.arg)) {
         c = DG_NAT_NONE;
         why = "port mapped on the router";
@@ -537,6 +552,43 @@ int dg_traversal_punch(struct dg_traversal *t, const uint8_t key[20], const uint
     return rc;
 }
 
+void dg_traversal_peer_observed(struct dg_traversal *t, const struct sockaddr *ip,
+                                const struct sockaddr *reporter)
+{
+    size_t i;
+
+    if (ip->sa_family != AF_INET || reporter->sa_family != AF_INET)
+        return;
+    uint32_t who = ((const struct sockaddr_in *)reporter)->sin_addr.s_addr;
+    uint32_t what = ((const struct sockaddr_in *)ip)->sin_addr.s_addr;
+    for (i = 0; i < t->nreports; i++)
+        if (t->reports[i].reporter == who)
+            break;
+    if (i == t->nreports) {
+        if (t->nreports < DG_TRAVERSAL_PEER_REPORTS) {
+            t->nreports++;
+        } else {
+            i = t->next_report;
+            t->next_report = (t->next_report + 1) % DG_TRAVERSAL_PEER_REPORTS;
+        }
+    }
+    t->reports[i].reporter = who;
+    t->reports[i].ip = what;
+    t->peers_ip = 0;
+    t->peers_ip_count = 0;
+    for (size_t a = 0; a < t->nreports; a++) {
+        size_t n = 0;
+        for (size_t b = 0; b < t->nreports; b++)
+            n += t->reports[b].ip == t->reports[a].ip;
+        if (n > t->peers_ip_count) {
+            t->peers_ip_count = n;
+            t->peers_ip = t->reports[a].ip;
+        }
+    }
+    if (t->peers_ip_count < 2)
+        t->peers_ip = 0;
+}
+
 enum dg_nat_class dg_traversal_nat(const struct dg_traversal *t)
 {
     return t->nat;
@@ -550,6 +602,9 @@ void dg_traversal_get_info(const struct dg_traversal *t, struct dg_traversal_inf
     out->observers = t->observers;
     out->ports = t->ports;
     memcpy(out->address, t->address, sizeof(out->address));
+    if (t->peers_ip)
+        inet_ntop(AF_INET, &t->peers_ip, out->peers_see, sizeof(out->peers_see));
+    out->peer_reports = t->peers_ip ? t->peers_ip_count : 0;
     out->paths = t->npaths;
     out->utp_connections = dg_utp_count(t->utp);
     dg_utp_get_stats(t->utp, &out->utp);

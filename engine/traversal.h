@@ -38,6 +38,7 @@ struct dg_swarms;
 #define DG_TRAVERSAL_CLASSIFY_MS 5000u    /* how often the NAT class is worked out again */
 #define DG_TRAVERSAL_MAX_PATHS 512        /* extra UDP sockets open at once */
 #define DG_TRAVERSAL_PATH_IDLE_MS 120000u /* a handed-over path silent this long is closed */
+#define DG_TRAVERSAL_PEER_REPORTS 16      /* peers' reports of our address kept */
 
 struct dg_traversal_config {
     uv_loop_t *loop;
@@ -57,6 +58,8 @@ struct dg_traversal_info {
     const char *nat_reason;  /* how the class was decided (a short phrase) */
     size_t observers, ports; /* see struct dg_dht_mapping */
     char address[64];        /* our address as most observers see it, "" if unknown */
+    char peers_see[64];      /* our IP as most peers report it (hello `yourip`), or "" */
+    size_t peer_reports;     /* reports that name it */
     size_t paths;            /* extra UDP sockets open */
     size_t utp_connections;
     struct dg_utp_stats utp;
@@ -88,6 +91,13 @@ int dg_traversal_request(struct dg_traversal *t, const uint8_t key[20],
  * punching is off, -EPERM when both NATs are hard). */
 int dg_traversal_punch(struct dg_traversal *t, const uint8_t key[20], const uint8_t nonce[16],
                        const struct sockaddr *peer, enum dg_nat_class peer_nat, int initiator);
+
+/* A peer at @p reporter sees us at IP @p ip (an AF_INET address; the port is not used).
+ * The last DG_TRAVERSAL_PEER_REPORTS reports, one per reporter IP, are kept: the IP most of
+ * them name (at least two) is what peers see (struct dg_traversal_info peers_see), and counts
+ * as a public address of ours while the DHT has too few observers to tell. */
+void dg_traversal_peer_observed(struct dg_traversal *t, const struct sockaddr *ip,
+                                const struct sockaddr *reporter);
 
 /* Our NAT class as last worked out. */
 enum dg_nat_class dg_traversal_nat(const struct dg_traversal *t);

@@ -356,7 +356,8 @@ def test_punch_through_a_peer():
     reads its first MiB through the DHT, so P is connected to A. B (another easy NAT) has no
     DHT at all (bootstrap=none), only P's address (peers=). B reads the first MiB from P, and
     P's pex names A; B cannot reach A directly, so it asks P, which sends both a holepunch
-    connect: B ends up with a uTP connection to A over a punched hole, and reads from it."""
+    connect: B ends up with a uTP connection to A over a punched hole, and reads from it. Both
+    peers tell B (hello yourip) that they see it at its router's address."""
     with lab() as L:
         hosts, m, mounts = _small_world(L, {"a": "easy", "p": "public"})
         rb = L.router("b-r", kind="easy")
@@ -381,7 +382,11 @@ def test_punch_through_a_peer():
             off = 40 * (1 << 20)
             T.check_bytes(_read_at(b.by_hash(root), off, 2 * (1 << 20)),
                           data[off:off + 2 * (1 << 20)], "B reads further on")
-            print(f"    B: {_swarm_of(b, root).get('peers_by')}; P served {served} rendezvous")
+            # Both its peers told B where they see it (hello yourip): its router's address.
+            T.wait_until(lambda: T.status_json(b)["network"]["nat"]["peers_see"] == rb.addr,
+                         f"B's peers to report it at {rb.addr}", timeout=20, interval=0.5)
+            print(f"    B: {_swarm_of(b, root).get('peers_by')}; P served {served} rendezvous; "
+                  f"peers see B at {T.status_json(b)['network']['nat']['peers_see']}")
         finally:
             for x in mounts:
                 x.cleanup()
