@@ -319,7 +319,8 @@ def test_router_restart_loses_mapping():
     """A behind a UPnP/NAT-PMP router has its port mapped. The router restarts and forgets
     every mapping (miniupnpd restarted, chains flushed). digfs notices (the router's NAT-PMP
     restart announcement, RFC 6886 3.2.1) and maps the port again; a public node then reads
-    a new file from A over the mapped port."""
+    a new file from A over the mapped port. Then the host gets another address (the network
+    changed): digfs notices within its 10 s look at the interfaces and asks again."""
     with lab() as L:
         hosts, m, mounts = _small_world(L, {"a": "upnp", "p": "public"})
         r = hosts["a"].router
@@ -345,6 +346,16 @@ def test_router_restart_loses_mapping():
             by = _swarm_of(m["p"], root).get("peers_by") or {}
             check(by.get("tcp", 0) >= 1 and not by.get("punched") and not by.get("relayed"),
                   "P reached A directly, through the mapping", by)
+            # The network changes (the host gets another address): digfs asks again.
+            log_at = len(m["a"].log_text())
+            spare = str(r.lan.network_address + 200)
+            L.run(hosts["a"], ["ip", "addr", "add", f"{spare}/{r.lan.prefixlen}", "dev", "eth0"],
+                  check=True)
+            T.wait_until(lambda: "the network changed" in m["a"].log_text(log_at),
+                         "digfs to notice the new address and map again", timeout=40,
+                         interval=0.5)
+            T.wait_until(lambda: len(mapped()) == 2, "the mapping after the change", timeout=30,
+                         interval=0.5)
         finally:
             for x in mounts:
                 x.cleanup()
