@@ -143,6 +143,8 @@ static void on_peers(void *arg, uint32_t id, const struct dg_dht_compact *peers,
             break;
     if (i == c->started || c->finished[i])
         abort();
+    if ((from == NULL) != (done != 0)) /* the replying node, on every call but the last */
+        abort();
     if (done) {
         if (n != 0)
             abort();
