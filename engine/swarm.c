@@ -46,7 +46,8 @@
 #define ANNOUNCE_RETRY_MS 2000u /* an announce the DHT could not start yet */
 #define ANNOUNCE_THIN_MS 60000u /* an announce made while the table was thin */
 #define CANCELLED_RING 64
-#define TRAVERSE_AFTER_MS 1000u /* a direct connection not up by then: try NAT traversal */
+#define TRAVERSE_AFTER_MS 1000u    /* a direct connection not up by then: try NAT traversal */
+#define TRAVERSE_GIVE_UP_MS 40000u /* a traversal with no outcome by then has failed */
 
 /* Metadata stages of a swarm whose root the cache does not know. */
 enum meta_stage {
@@ -139,7 +140,8 @@ struct candidate {
     uint64_t tried_at; /* when the last direct attempt started */
     unsigned failures;
     int connected;
-    int traverse; /* enum traverse_state */
+    int traverse;         /* enum traverse_state */
+    uint64_t traverse_at; /* when the running traversal was asked for */
 };
 
 /* The leaf hashes of one piece of more than 2048 blocks (files over 32 GiB): asked of one peer
@@ -2089,6 +2091,7 @@ static void start_traverse(struct swarm *sw, struct candidate *cand, int relay)
         return;
     }
     cand->traverse = relay ? TRAVERSE_RELAY : TRAVERSE_PUNCH;
+    cand->traverse_at = now_ms(s);
     s->stats.traversals++;
     char name[64], via[64];
     format_addr(&cand->addr, name, sizeof(name));
@@ -2145,6 +2148,7 @@ static int ask_pex_rendezvous(struct swarm *sw, struct candidate *cand)
     h.nat = s->cfg.host.nat_class ? (uint8_t)s->cfg.host.nat_class(s->cfg.host.arg) : 0;
     send_holepunch(via, &h);
     cand->traverse = TRAVERSE_PUNCH;
+    cand->traverse_at = now_ms(s);
     s->stats.traversals++;
     char name[64];
     format_addr(&cand->addr, name, sizeof(name));
@@ -2243,6 +2247,10 @@ static void traverse_slow(struct swarm *sw, uint64_t now)
 {
     for (size_t i = 0; i < sw->ncands; i++) {
         struct candidate *cand = &sw->cands[i];
+        /* An answer that never came (a peer that does not know holepunch, a lost datagram). */
+        if ((cand->traverse == TRAVERSE_PUNCH || cand->traverse == TRAVERSE_RELAY) &&
+            now - cand->traverse_at >= TRAVERSE_GIVE_UP_MS)
+            cand->traverse = TRAVERSE_FAILED;
         if (cand->connected && cand->traverse == TRAVERSE_NONE &&
             (cand->via.ss_family || cand->has_pex_from) &&
             now - cand->tried_at >= TRAVERSE_AFTER_MS && !cand_connected(sw, cand))
