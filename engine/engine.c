@@ -2067,6 +2067,8 @@ static int collect_status(struct dg_engine *e, struct dg_status *s)
         net->banned = st.banned;
         net->malformed = st.malformed;
         net->announces = st.announces;
+        net->stalled = st.stalled;
+        net->replaced = st.replaced;
         if (e->dht) {
             dg_dht_service_stats(e->dht, &ds);
             net->dht_nodes = ds.nodes;

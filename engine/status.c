@@ -77,6 +77,8 @@ char *dg_status_to_json(const struct dg_status *s)
         add_u64(o, "banned", n->banned);
         add_u64(o, "malformed", n->malformed);
         add_u64(o, "announces", n->announces);
+        add_u64(o, "stalled", n->stalled);
+        add_u64(o, "replaced", n->replaced);
         if (!n->has_portmap) {
             cJSON_AddNullToObject(o, "portmap");
         } else if ((d = cJSON_AddObjectToObject(o, "portmap"))) {

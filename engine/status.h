@@ -44,7 +44,9 @@ struct dg_status_network {
     uint64_t banned;    /* addresses banned for bad data */
     uint64_t malformed; /* connections closed for breaking the protocol */
     uint64_t announces;
-    int has_portmap; /* UPnP or NAT-PMP is on */
+    uint64_t stalled;  /* connections dropped for silence while owing blocks */
+    uint64_t replaced; /* silent connections replaced by a new one from the same node */
+    int has_portmap;   /* UPnP or NAT-PMP is on */
     int portmap_mapped;
     char portmap_method[16]; /* "NAT-PMP", "UPnP" or "" */
     char portmap_ip[64];     /* the router's public address, "" when unknown */
@@ -91,9 +93,13 @@ struct dg_status {
  * roots {held}, cache {bytes, limit}, reads {waiting}, open [{root, length, blocks_held,
  * blocks_total, readers}], network (null without one: {port, dht {nodes, good, searches,
  * stored_peers, malformed}, public_address (string or null), peers, bytes_in, bytes_out,
- * blocks_in, blocks_out, banned, malformed, announces, portmap (null when UPnP and NAT-PMP are
- * off: {mapped, method, external_ip, tcp, udp, error})}), swarms [{root, known, length,
- * blocks_held, blocks_total, peers, bytes_in, bytes_out}]. */
+ * blocks_in, blocks_out, banned, malformed, announces, stalled, replaced, portmap (null when
+ * UPnP and NAT-PMP are off: {mapped, method, external_ip, tcp, udp, error}), nat (null without
+ * the UDP port: {class, reason, observers, ports, address, peers_see, peer_reports, utp
+ * {connections, retransmits, malformed}, holepunch {asked, punched, relayed, failed,
+ * forwarded, answered, rendezvous_for_peers}, relay (null when off: {port, streams,
+ * streams_total, bytes})})}), swarms [{root, known, length, blocks_held, blocks_total, peers,
+ * peers_by {tcp, utp, punched, relayed}, bytes_in, bytes_out}]. */
 char *dg_status_to_json(const struct dg_status *s);
 
 /* Frees what a snapshot owns (the open and swarms arrays). */

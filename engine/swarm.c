@@ -1884,6 +1884,7 @@ static int replace_stale(struct swarm *sw, const uint8_t id[20], const struct pe
             continue;
         if (now_ms(sw->s) - q->last_in < STALE_MS)
             return 0;
+        sw->s->stats.replaced++;
         dg_peer_conn_close(q->conn, DG_PEER_CLOSE_TIMEOUT); /* frees q */
         return 1;
     }
@@ -2525,6 +2526,7 @@ static void expire(struct swarm *sw, uint64_t now)
             oldest = p->reqs[i].sent_at < oldest ? p->reqs[i].sent_at : oldest;
         if (p->got_hello && p->nreqs > 0 && now - p->last_in >= STALL_MS &&
             now - oldest >= STALL_MS) {
+            sw->s->stats.stalled++;
             dg_peer_conn_close(p->conn, DG_PEER_CLOSE_TIMEOUT);
             continue;
         }

@@ -250,15 +250,16 @@ def _punched_peers(m, root):
 
 def test_idle_connection_survives_short_nat_timeouts():
     """Both NATs forget idle UDP mappings after 20 s (conntrack timeouts; Linux defaults are
-    30 s and 120 s). B reads the first MiB of A's file over a punched hole, stays idle for
-    50 s, then reads the rest: uTP's and the DHT's keep-alives (15 s) held the mappings
-    open, so the read needs no new connection and sees no error."""
+    30 s and 120 s). B reads the first MiB of A's 64 MiB file over a punched hole, stays idle
+    for 50 s, then reads 4 MiB at 48 MiB (not fetched yet). Keep-alives (uTP's every 15 s, and
+    the DHT's on the same port) held both NAT mappings open: they are still in the routers'
+    conntrack tables after the idle time, and the read needs no new connection."""
     with lab() as L:
         hosts, m, mounts = _small_world(L, {"a": "easy", "b": "easy"})
         try:
             for h in hosts.values():
                 L.conntrack_timeouts(h.router, udp=20, udp_stream=20)
-            data = T.data_of(8 * (1 << 20) + 99, 8101)
+            data = T.data_of(64 * (1 << 20) + 99, 8101)
             root = T.share(m["a"], "idle.bin", data)
             T.wait_until(lambda: all((T.status_json(x)["network"].get("nat") or {})
                                      .get("class") == "easy" for x in m.values()),
@@ -269,13 +270,27 @@ def test_idle_connection_survives_short_nat_timeouts():
                   _swarm_of(m["b"], root))
             asked = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"]
             time.sleep(50)
+            # The hole is still there: each router still maps its host's UDP port towards the
+            # other router (idle for 50 s, it would have expired after 20).
+            for me, other in (("a", "b"), ("b", "a")):
+                live = [e for e in L.conntrack_entries(hosts[me].router, "udp")
+                        if e.orig_src == (hosts[me].addr, PORT) and
+                        e.orig_dst[0] == hosts[other].router.addr]
+                check(live, f"{me}'s router still maps its port towards {other}'s router",
+                      L.conntrack_entries(hosts[me].router, "udp"))
+            held = _swarm_of(m["b"], root).get("blocks_held", 0)
             t0 = time.monotonic()
-            rest = _read_at(m["b"].by_hash(root), 1 << 20, len(data))
-            T.check_bytes(rest, data[1 << 20:], "the rest after 50 s idle")
+            off = 48 * (1 << 20)
+            later = _read_at(m["b"].by_hash(root), off, 4 * (1 << 20))
+            T.check_bytes(later, data[off:off + 4 * (1 << 20)], "4 MiB at 48 MiB after 50 s idle")
             again = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"] - asked
-            print(f"    after 50 s idle behind 20 s NAT timeouts: the rest read in "
-                  f"{time.monotonic() - t0:.2f} s; holes asked again: {again}")
+            print(f"    after 50 s idle behind 20 s NAT timeouts ({held} blocks held): 4 MiB at "
+                  f"48 MiB read in {time.monotonic() - t0:.2f} s; holes asked again: {again}")
+            check(held < (48 << 20) // 16384, "the range read after the idle time was not "
+                  "fetched before it", held)
             check_eq(again, 0, "new hole punching needed after the idle time")
+            check_eq(T.status_json(m["b"])["network"]["stalled"], 0,
+                     "connections dropped for silence")
         finally:
             for x in mounts:
                 x.cleanup()
@@ -310,6 +325,12 @@ def test_nat_forgets_mappings_under_a_reader():
             print(f"    B's NAT flushed: 4 MiB further on read in {time.monotonic() - t0:.1f} s; "
                   f"holes asked again: {again}")
             check(again >= 1, "a new hole was punched", again)
+            check(T.status_json(m["b"])["network"]["stalled"] >= 1,
+                  "B dropped the silent connection (nothing heard while blocks were owed)",
+                  T.status_json(m["b"])["network"])
+            check(T.status_json(m["a"])["network"]["replaced"] >= 1,
+                  "A let B's new connection replace the silent old one",
+                  T.status_json(m["a"])["network"])
         finally:
             for x in mounts:
                 x.cleanup()
