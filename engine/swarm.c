@@ -30,6 +30,7 @@
 #define STALE_MS 5000u      /* a silent connection a new one from the same node replaces */
 #define HP_RENDEZVOUS_PER_MIN 20 /* holepunch rendezvous asks we serve per peer and minute */
 #define IDLE_SWARM_MS 60000u     /* a swarm nobody uses is dropped after this */
+#define DHT_FIRST_RETRY_MS 1500u /* the first repeat of a lookup that found nobody... */
 #define DHT_RETRY_MS 5000u       /* DHT lookups of a wanted root without peers... */
 #define DHT_REFRESH_MS 300000u   /* ...and again this often while it is wanted */
 #define CHOKE_ROUND_MS 10000u
@@ -184,6 +185,7 @@ struct swarm {
     size_t ncands;
     struct lookup *lookups;
     uint64_t last_used, last_dht;
+    unsigned dht_lookups;     /* started for this swarm */
     uint64_t last_read;       /* a reader read or waited here */
     uint64_t pause_until;     /* storing failed: no requests until then */
     uint64_t seq_end, window; /* read-ahead: where sequential reads went, and how far ahead */
@@ -740,9 +742,14 @@ static void maybe_dht(struct swarm *sw, int urgent)
     uint64_t now = now_ms(s);
     uint64_t gap = urgent ? DHT_RETRY_MS : DHT_REFRESH_MS;
 
+    /* The first retry comes soon: right after a file is shared, its announce may still be
+     * on its way when the first lookup asks. */
+    if (urgent && sw->dht_lookups == 1)
+        gap = DHT_FIRST_RETRY_MS;
     if (sw->last_dht && now - sw->last_dht < gap)
         return;
     sw->last_dht = now;
+    sw->dht_lookups++;
     if (s->cfg.host.lan_search)
         s->cfg.host.lan_search(s->cfg.host.arg, sw->root);
     if (!s->cfg.host.dht_lookup)

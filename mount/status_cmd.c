@@ -121,8 +121,10 @@ static void render(const cJSON *s, const char *mnt)
     if (cJSON_IsObject(nat)) {
         const cJSON *hp = cJSON_GetObjectItemCaseSensitive(nat, "holepunch");
         const cJSON *relay = cJSON_GetObjectItemCaseSensitive(nat, "relay");
-        printf("  nat      %s (%s; %.0f observers)\n", str(nat, "class"), str(nat, "reason"),
-               num(nat, "observers"));
+        const cJSON *seen = cJSON_GetObjectItemCaseSensitive(nat, "peers_see");
+        printf("  nat      %s (%s; %.0f observers); peers see us at %s\n", str(nat, "class"),
+               str(nat, "reason"), num(nat, "observers"),
+               cJSON_IsString(seen) ? seen->valuestring : "-");
         printf("  punch    %.0f asked, %.0f punched, %.0f relayed, %.0f failed; "
                "%.0f forwarded for others\n",
                num(hp, "asked"), num(hp, "punched"), num(hp, "relayed"), num(hp, "failed"),

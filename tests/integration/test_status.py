@@ -45,6 +45,14 @@ def test_status_reports_shared_files_roots_cache_and_open_files():
                  "network peers, bans and bytes of a node alone")
         check_eq(net["dht"]["nodes"], 0, "DHT nodes with bootstrap=none")
         check_eq(s["swarms"], [], "swarms of a node nobody talks to")
+        nat = net["nat"]
+        check_eq(nat["class"], "unknown", "NAT class with no DHT node to report our address")
+        check_eq((nat["observers"], nat["address"], nat["peers_see"]), (0, None, None),
+                 "what observers and peers reported")
+        check_eq(nat["holepunch"]["asked"], 0, "hole punching asked")
+        check(isinstance(nat["relay"], dict) and 0 < nat["relay"]["port"] < 65536,
+              "the relay (on by default) listens", nat)
+        check_eq((net["stalled"], net["replaced"]), (0, 0), "stalled and replaced connections")
     # Closed: the root is no longer open.
     s = json.loads(status(m.mnt, "--json").stdout)
     check(all(o["root"] != root for o in s["open"]), f"still open after close: {s['open']}")
@@ -52,6 +60,9 @@ def test_status_reports_shared_files_roots_cache_and_open_files():
     check_eq(human.returncode, 0, "digfs status exit status")
     check("2 roots held" in human.stdout, f"human view: {human.stdout}")
     check("2 files (2 hashed" in human.stdout, f"human view: {human.stdout}")
+    check("  nat      unknown (too few observers; 0 observers)" in human.stdout,
+          f"human view: {human.stdout}")
+    check("  relay    port " in human.stdout, f"human view: {human.stdout}")
 
 
 def test_control_socket_is_owner_only_and_removed_at_unmount():

@@ -79,10 +79,10 @@ def _lab():
 
 
 def test_lab_loss_and_delay():
-    """Two public hosts in the lab; B reads 16 MiB from A over uTP (prefer_utp) three times:
-    a clean link, then 40 ms each way, then 40 ms each way with 3% loss each way (tc netem on
-    A's link). Every read completes within the read timeout and is byte-exact; the lossy run
-    shows retransmissions (the loss was real) and still moves data."""
+    """Two public hosts in the lab; B reads from A over uTP (prefer_utp) three times: 16 MiB
+    over a clean link, 8 MiB with 40 ms each way, 4 MiB with 40 ms each way and 3% loss each
+    way (the lab's netem on A's link). Every read completes within the read timeout and is
+    byte-exact; the lossy run shows retransmissions (the loss was real) and still moves data."""
     netlab, L = _lab()
     from test_netlab import LabMount
     with L:
@@ -91,17 +91,17 @@ def test_lab_loss_and_delay():
         a = LabMount(L, pa, "utp-lab-a", common)
         b = LabMount(L, pb, "utp-lab-b", [f"peers={pa.addr}:6881", *common])
         try:
-            runs = [("clean", {}), ("40 ms", {"delay_ms": 40}),
-                    ("40 ms + 3% loss", {"delay_ms": 40, "loss": 3})]
+            runs = [("clean", {}, 16), ("40 ms", {"delay_ms": 40}, 8),
+                    ("40 ms + 3% loss", {"delay_ms": 40, "loss": 3}, 4)]
             rates = []
-            for i, (name, netem) in enumerate(runs):
+            for i, (name, netem, mib) in enumerate(runs):
                 if netem:
                     L.netem(pa, **netem)
-                data = T.data_of(16 * MIB, 620 + i)
+                data = T.data_of(mib * MIB, 620 + i)
                 root = T.share(a, f"lab{i}.bin", data)
                 before = T.status_json(a)["network"]["nat"]["utp"]["retransmits"]
                 got, secs = timed_read(b.by_hash(root))
-                T.check_bytes(got, data, f"16 MiB over uTP, {name}")
+                T.check_bytes(got, data, f"{mib} MiB over uTP, {name}")
                 by = swarm_of(b, root).get("peers_by", {})
                 check(by.get("utp", 0) >= 1 and by.get("tcp", 0) == 0,
                       f"{name}: connected over uTP", by)
