@@ -15,6 +15,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "engine/byteorder.h"
+
 /* ------------------------------------------------------------------------------------------ */
 /* Addresses */
 
@@ -108,30 +110,6 @@ static uint64_t elapsed(uint64_t now, uint64_t then)
     return now > then ? now - then : 0;
 }
 
-static uint16_t get16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static void put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
 /* A keyed 64-bit mix of @p len bytes: hash tables keyed by what remote hosts choose (info
  * hashes, source addresses) use a random @p seed so that collisions cannot be planned. */
 static uint64_t keyed_hash(uint64_t seed, const uint8_t *p, size_t len)
@@ -159,7 +137,7 @@ static uint32_t rand_below(dg_rand_bytes_fn rand_bytes, void *arg, uint32_t n)
     do {
         uint8_t b[4];
         rand_bytes(arg, b, sizeof(b));
-        x = get32(b);
+        x = dg_get32(b);
     } while (x < limit);
     return x % n;
 }
@@ -825,7 +803,7 @@ int dg_dht_table_save(const struct dg_dht_table *t, uint8_t *buf, size_t cap)
     memcpy(buf, save_magic, 4);
     buf[4] = SAVE_VERSION;
     buf[5] = t->family == AF_INET ? 4 : 6;
-    put16(buf + 6, (uint16_t)n);
+    dg_put16(buf + 6, (uint16_t)n);
     memcpy(buf + 8, t->id, DG_NODE_ID_LEN);
     uint8_t *p = buf + DG_DHT_SAVE_HEADER;
     for (unsigned bi = 0; bi < t->nbuckets; bi++) {
@@ -835,11 +813,11 @@ int dg_dht_table_save(const struct dg_dht_table *t, uint8_t *buf, size_t cap)
                 continue;
             memcpy(p, e->id, DG_NODE_ID_LEN);
             memcpy(p + DG_NODE_ID_LEN, e->ip, t->alen);
-            put16(p + DG_NODE_ID_LEN + t->alen, e->port);
+            dg_put16(p + DG_NODE_ID_LEN + t->alen, e->port);
             p += esz;
         }
     }
-    put32(p, dg_node_id_crc32c(0, buf, (size_t)(p - buf)));
+    dg_put32(p, dg_node_id_crc32c(0, buf, (size_t)(p - buf)));
     return (int)need;
 }
 
@@ -850,10 +828,10 @@ static int save_check(const uint8_t *buf, size_t len, size_t *alen, size_t *n)
         buf[4] != SAVE_VERSION || (buf[5] != 4 && buf[5] != 6))
         return -EBADMSG;
     *alen = buf[5] == 4 ? 4 : 16;
-    *n = get16(buf + 6);
+    *n = dg_get16(buf + 6);
     if (*n > DG_DHT_MAX_NODES || len != DG_DHT_SAVE_HEADER + *n * (DG_NODE_ID_LEN + *alen + 2) + 4)
         return -EBADMSG;
-    if (dg_node_id_crc32c(0, buf, len - 4) != get32(buf + len - 4))
+    if (dg_node_id_crc32c(0, buf, len - 4) != dg_get32(buf + len - 4))
         return -EBADMSG;
     return 0;
 }
@@ -885,7 +863,7 @@ int dg_dht_table_load(struct dg_dht_table *t, const uint8_t *buf, size_t len, ui
         uint16_t port;
         int rc;
 
-        addr_join(p + DG_NODE_ID_LEN, alen, get16(p + DG_NODE_ID_LEN + alen), &ss);
+        addr_join(p + DG_NODE_ID_LEN, alen, dg_get16(p + DG_NODE_ID_LEN + alen), &ss);
         if (table_addr(t, (const struct sockaddr *)&ss, ip, &port) < 0) {
             t->rejected_invalid++;
             rc = -EINVAL;
@@ -1229,7 +1207,7 @@ static void peer_compact(const struct speer *p, struct dg_dht_compact *out)
 {
     memset(out, 0, sizeof(*out));
     memcpy(out->bytes, p->ip, p->alen);
-    put16(out->bytes + p->alen, p->port);
+    dg_put16(out->bytes + p->alen, p->port);
     out->len = (uint8_t)(p->alen + 2);
 }
 

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "engine/bencode.h"
+#include "engine/byteorder.h"
 
 /* Bytes before a message's payload: length (4) and id (1). */
 #define MSG_HEADER 5u
@@ -14,19 +15,6 @@
 #define HASH_HEADER 10u
 /* Block indices are u32: the block space ends at 2^32. */
 #define BLOCK_SPACE ((uint64_t)1 << 32)
-
-static uint32_t get_u32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
-}
-
-static void put_u32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
 
 /* ---- handshake ---- */
 
@@ -84,8 +72,8 @@ int dg_peer_msg_frame(const uint8_t *buf, size_t len, size_t *frame_len)
 static void parse_hash_header(const uint8_t *p, struct dg_peer_msg *out)
 {
     out->layer = p[0];
-    out->index = get_u32(p + 1);
-    out->count = get_u32(p + 5);
+    out->index = dg_get32(p + 1);
+    out->count = dg_get32(p + 5);
     out->proof_layers = p[9];
 }
 
@@ -103,15 +91,15 @@ static int parse_payload(uint8_t id, const uint8_t *p, size_t n, struct dg_peer_
     case DG_PEER_MSG_HAVE:
         if (n != 8)
             return -EBADMSG;
-        out->first = get_u32(p);
-        out->count = get_u32(p + 4);
+        out->first = dg_get32(p);
+        out->count = dg_get32(p + 4);
         if (out->count == 0 || (uint64_t)out->first + out->count > BLOCK_SPACE)
             return -EBADMSG;
         return 0;
     case DG_PEER_MSG_BITFIELD:
         if (n < 5 || n - 4 > DG_PEER_BITFIELD_MAX_BYTES)
             return -EBADMSG;
-        out->first = get_u32(p);
+        out->first = dg_get32(p);
         out->data = p + 4;
         out->data_len = n - 4;
         out->count = (uint32_t)(out->data_len * 8);
@@ -123,12 +111,12 @@ static int parse_payload(uint8_t id, const uint8_t *p, size_t n, struct dg_peer_
     case DG_PEER_MSG_REJECT:
         if (n != 4)
             return -EBADMSG;
-        out->block = get_u32(p);
+        out->block = dg_get32(p);
         return 0;
     case DG_PEER_MSG_BLOCK:
         if (n < 5 || n - 4 > DG_PEER_BLOCK_SIZE)
             return -EBADMSG;
-        out->block = get_u32(p);
+        out->block = dg_get32(p);
         out->data = p + 4;
         out->data_len = n - 4;
         return 0;
@@ -176,7 +164,7 @@ int dg_peer_msg_parse(const uint8_t *frame, size_t len, struct dg_peer_msg *out)
     memset(out, 0, sizeof(*out));
     if (len < 4)
         return -EINVAL;
-    v = get_u32(frame);
+    v = dg_get32(frame);
     if (v > DG_PEER_MSG_MAX_LEN)
         return -EMSGSIZE;
     if (len != 4 + (size_t)v)
@@ -334,7 +322,7 @@ static int put_header(uint8_t id, size_t payload, uint8_t *out, size_t cap)
 {
     if (cap < MSG_HEADER + payload)
         return -ENOBUFS;
-    put_u32(out, (uint32_t)(1 + payload));
+    dg_put32(out, (uint32_t)(1 + payload));
     out[4] = id;
     return (int)(MSG_HEADER + payload);
 }
@@ -378,7 +366,7 @@ int dg_peer_msg_keepalive(uint8_t *out, size_t cap)
 {
     if (cap < 4)
         return -ENOBUFS;
-    put_u32(out, 0);
+    dg_put32(out, 0);
     return 4;
 }
 
@@ -391,8 +379,8 @@ int dg_peer_msg_have(uint32_t first, uint32_t count, uint8_t *out, size_t cap)
     rc = put_header(DG_PEER_MSG_HAVE, 8, out, cap);
     if (rc < 0)
         return rc;
-    put_u32(out + 5, first);
-    put_u32(out + 9, count);
+    dg_put32(out + 5, first);
+    dg_put32(out + 9, count);
     return rc;
 }
 
@@ -410,7 +398,7 @@ int dg_peer_msg_bitfield(uint32_t first, const uint8_t *bits, uint64_t nbits, ui
     rc = put_header(DG_PEER_MSG_BITFIELD, 4 + nbytes, out, cap);
     if (rc < 0)
         return rc;
-    put_u32(out + 5, first);
+    dg_put32(out + 5, first);
     memcpy(out + 9, bits, nbytes);
     if (nbits % 8 != 0)
         out[9 + nbytes - 1] &= (uint8_t)(0xffu << (8 - nbits % 8));
@@ -423,7 +411,7 @@ static int put_block_index(uint8_t id, uint32_t block, uint8_t *out, size_t cap)
 
     if (rc < 0)
         return rc;
-    put_u32(out + 5, block);
+    dg_put32(out + 5, block);
     return rc;
 }
 
@@ -446,9 +434,9 @@ int dg_peer_msg_block_header(uint32_t block, size_t len, uint8_t out[DG_PEER_BLO
 {
     if (len == 0 || len > DG_PEER_BLOCK_SIZE)
         return -EINVAL;
-    put_u32(out, (uint32_t)(5 + len));
+    dg_put32(out, (uint32_t)(5 + len));
     out[4] = DG_PEER_MSG_BLOCK;
-    put_u32(out + 5, block);
+    dg_put32(out + 5, block);
     return DG_PEER_BLOCK_HEADER_LEN;
 }
 
@@ -472,8 +460,8 @@ static int put_hash_msg(uint8_t id, uint8_t layer, uint32_t index, uint32_t coun
     if (rc < 0)
         return rc;
     out[5] = layer;
-    put_u32(out + 6, index);
-    put_u32(out + 10, count);
+    dg_put32(out + 6, index);
+    dg_put32(out + 10, count);
     out[14] = proof_layers;
     if (nhashes > 0)
         memcpy(out + 15, hashes, nhashes * DG_PEER_HASH_LEN);
@@ -519,7 +507,7 @@ static int put_bencoded(uint8_t id, const uint8_t *payload, size_t len, uint8_t 
     /* The payload may already be in place at out + 5 (or overlap it): memmove. */
     if (len > 0 && payload != out + MSG_HEADER)
         memmove(out + MSG_HEADER, payload, len);
-    put_u32(out, (uint32_t)(1 + len));
+    dg_put32(out, (uint32_t)(1 + len));
     out[4] = id;
     return (int)(MSG_HEADER + len);
 }

@@ -42,6 +42,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/byteorder.h"
+
 enum {
     ST_DATA,
     ST_FIN,
@@ -211,30 +213,6 @@ static uint64_t splitmix(uint64_t *x)
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
-}
-
-static uint16_t get16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static void put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
 }
 
 /* Whether sequence number @p a comes after @p b (16-bit wrap-around). */
@@ -461,12 +439,12 @@ static void write_header(const struct dg_utp_sock *s, uint8_t *p, int type, uint
 {
     p[0] = (uint8_t)(type << 4 | VERSION);
     p[1] = ext;
-    put16(p + 2, conn_id);
-    put32(p + 4, (uint32_t)now);
-    put32(p + 8, s->reply_micro);
-    put32(p + 12, recv_window(s));
-    put16(p + 16, seq);
-    put16(p + 18, s->ack_nr);
+    dg_put16(p + 2, conn_id);
+    dg_put32(p + 4, (uint32_t)now);
+    dg_put32(p + 8, s->reply_micro);
+    dg_put32(p + 12, recv_window(s));
+    dg_put16(p + 16, seq);
+    dg_put16(p + 18, s->ack_nr);
 }
 
 static void raw_send(struct dg_utp_sock *s, const uint8_t *buf, size_t len, uint64_t now)
@@ -541,9 +519,9 @@ static void reset_to(struct dg_utp *u, int path, const struct sockaddr *to, uint
 
     memset(p, 0, DG_UTP_HEADER_LEN);
     p[0] = ST_RESET << 4 | VERSION;
-    put16(p + 2, conn_id);
-    put16(p + 16, (uint16_t)splitmix(&u->rng));
-    put16(p + 18, ack);
+    dg_put16(p + 2, conn_id);
+    dg_put16(p + 16, (uint16_t)splitmix(&u->rng));
+    dg_put16(p + 18, ack);
     u->stats.packets_out++;
     u->ops.send(u->arg, path, p, DG_UTP_HEADER_LEN, to);
 }
@@ -1113,12 +1091,12 @@ static int parse(const uint8_t *buf, size_t len, struct hdr *h)
 
     memset(h, 0, sizeof(*h));
     h->type = buf[0] >> 4;
-    h->conn_id = get16(buf + 2);
-    h->ts = get32(buf + 4);
-    h->ts_diff = get32(buf + 8);
-    h->wnd = get32(buf + 12);
-    h->seq = get16(buf + 16);
-    h->ack = get16(buf + 18);
+    h->conn_id = dg_get16(buf + 2);
+    h->ts = dg_get32(buf + 4);
+    h->ts_diff = dg_get32(buf + 8);
+    h->wnd = dg_get32(buf + 12);
+    h->seq = dg_get16(buf + 16);
+    h->ack = dg_get16(buf + 18);
     /* Each extension takes at least two bytes, so the chain ends within the datagram. */
     while (ext) {
         uint8_t next, elen;

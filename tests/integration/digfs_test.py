@@ -788,6 +788,27 @@ def status_json(m):
     return json.loads(r.stdout)
 
 
+def swarm_of(m, root):
+    """The swarm of @root (hex) in mount @m's `digfs status --json`, or {} if it has none."""
+    for s in status_json(m)["swarms"]:
+        if s["root"] == root:
+            return s
+    return {}
+
+
+def read_range(path, off, length):
+    """@length bytes of @path from @off (fewer at the end of the file), unbuffered."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(off)
+        out = b""
+        while len(out) < length:
+            chunk = f.read(length - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
 def free_port():
     """A port number free for both TCP and UDP on this machine right now (for port=)."""
     import socket

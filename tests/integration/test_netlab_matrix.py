@@ -153,13 +153,6 @@ def _method(swarm, kind_a, kind_b):
     return "failed"
 
 
-def _swarm_of(m, root):
-    for s in T.status_json(m)["swarms"]:
-        if s["root"] == root:
-            return s
-    return {}
-
-
 def test_matrix():
     with lab() as L:
         w = World(L)
@@ -178,7 +171,7 @@ def test_matrix():
                 try:
                     got = _first_byte_and_all(w.m[b].by_hash(root), len(data), 150)
                     T.check_bytes(got["data"], data, f"{b} reading {a}'s file")
-                    how = _method(_swarm_of(w.m[b], root), ka, kb)
+                    how = _method(T.swarm_of(w.m[b], root), ka, kb)
                     rows.append((ka, kb, how, f"{got['ttfb']:.2f}", f"{got['total']:.2f}"))
                     if how == "relayed" and not (ka == "hard" and kb == "hard"):
                         failures.append(f"{ka} -> {kb} used a relay")
@@ -231,20 +224,8 @@ def _small_world(L, kinds, extra=()):
     return hosts, m, mounts
 
 
-def _read_at(path, off, length):
-    with open(path, "rb", buffering=0) as f:
-        f.seek(off)
-        out = b""
-        while len(out) < length:
-            chunk = f.read(length - len(out))
-            if not chunk:
-                break
-            out += chunk
-    return out
-
-
 def _punched_peers(m, root):
-    by = _swarm_of(m, root).get("peers_by") or {}
+    by = T.swarm_of(m, root).get("peers_by") or {}
     return by.get("punched", 0)
 
 
@@ -264,10 +245,10 @@ def test_idle_connection_survives_short_nat_timeouts():
             T.wait_until(lambda: all((T.status_json(x)["network"].get("nat") or {})
                                      .get("class") == "easy" for x in m.values()),
                          "both NATs classified easy", timeout=90, interval=0.5)
-            first = _read_at(m["b"].by_hash(root), 0, 1 << 20)
+            first = T.read_range(m["b"].by_hash(root), 0, 1 << 20)
             T.check_bytes(first, data[:1 << 20], "the first MiB")
             check(_punched_peers(m["b"], root) == 1, "B reads over a punched hole",
-                  _swarm_of(m["b"], root))
+                  T.swarm_of(m["b"], root))
             asked = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"]
             time.sleep(50)
             # The hole is still there: each router still maps its host's UDP port towards the
@@ -278,10 +259,10 @@ def test_idle_connection_survives_short_nat_timeouts():
                         e.orig_dst[0] == hosts[other].router.addr]
                 check(live, f"{me}'s router still maps its port towards {other}'s router",
                       L.conntrack_entries(hosts[me].router, "udp"))
-            held = _swarm_of(m["b"], root).get("blocks_held", 0)
+            held = T.swarm_of(m["b"], root).get("blocks_held", 0)
             t0 = time.monotonic()
             off = 48 * (1 << 20)
-            later = _read_at(m["b"].by_hash(root), off, 4 * (1 << 20))
+            later = T.read_range(m["b"].by_hash(root), off, 4 * (1 << 20))
             T.check_bytes(later, data[off:off + 4 * (1 << 20)], "4 MiB at 48 MiB after 50 s idle")
             again = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"] - asked
             print(f"    after 50 s idle behind 20 s NAT timeouts ({held} blocks held): 4 MiB at "
@@ -310,15 +291,15 @@ def test_nat_forgets_mappings_under_a_reader():
             T.wait_until(lambda: (T.status_json(m["b"])["network"].get("nat") or {})
                          .get("class") == "hard", "B's NAT classified hard", timeout=90,
                          interval=0.5)
-            first = _read_at(m["b"].by_hash(root), 0, 1 << 20)
+            first = T.read_range(m["b"].by_hash(root), 0, 1 << 20)
             T.check_bytes(first, data[:1 << 20], "the first MiB")
             check(_punched_peers(m["b"], root) == 1, "B reads over a punched hole",
-                  _swarm_of(m["b"], root))
+                  T.swarm_of(m["b"], root))
             asked = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"]
             L.flush_conntrack(hosts["b"].router)
             t0 = time.monotonic()
             off = 48 * (1 << 20)
-            later = _read_at(m["b"].by_hash(root), off, 4 * (1 << 20))
+            later = T.read_range(m["b"].by_hash(root), off, 4 * (1 << 20))
             T.check_bytes(later, data[off:off + 4 * (1 << 20)],
                           "4 MiB at 48 MiB after B's NAT forgot everything")
             again = T.status_json(m["b"])["network"]["nat"]["holepunch"]["asked"] - asked
@@ -364,7 +345,7 @@ def test_router_restart_loses_mapping():
             root = T.share(m["a"], "after-restart.bin", data)
             got = _first_byte_and_all(m["p"].by_hash(root), len(data), 120)
             T.check_bytes(got["data"], data, "P reads A's file after the restart")
-            by = _swarm_of(m["p"], root).get("peers_by") or {}
+            by = T.swarm_of(m["p"], root).get("peers_by") or {}
             check(by.get("tcp", 0) >= 1 and not by.get("punched") and not by.get("relayed"),
                   "P reached A directly, through the mapping", by)
             # The network changes (the host gets another address): digfs asks again.
@@ -401,9 +382,9 @@ def test_punch_through_a_peer():
             mounts.append(b)
             data = T.data_of(64 * (1 << 20) + 77, 8104)
             root = T.share(m["a"], "via-peer.bin", data)
-            T.check_bytes(_read_at(m["p"].by_hash(root), 0, 1 << 20), data[:1 << 20],
+            T.check_bytes(T.read_range(m["p"].by_hash(root), 0, 1 << 20), data[:1 << 20],
                           "P reads A's first MiB")
-            T.check_bytes(_read_at(b.by_hash(root), 0, 1 << 20), data[:1 << 20],
+            T.check_bytes(T.read_range(b.by_hash(root), 0, 1 << 20), data[:1 << 20],
                           "B reads the first MiB (from P)")
             T.wait_until(lambda: _punched_peers(b, root) >= 1,
                          "B to reach A over a hole punched through P", timeout=60, interval=0.5)
@@ -412,12 +393,12 @@ def test_punch_through_a_peer():
             check_eq(T.status_json(b)["network"]["dht"]["nodes"], 0,
                      "DHT nodes B knows (none could be its rendezvous)")
             off = 40 * (1 << 20)
-            T.check_bytes(_read_at(b.by_hash(root), off, 2 * (1 << 20)),
+            T.check_bytes(T.read_range(b.by_hash(root), off, 2 * (1 << 20)),
                           data[off:off + 2 * (1 << 20)], "B reads further on")
             # Both its peers told B where they see it (hello yourip): its router's address.
             T.wait_until(lambda: T.status_json(b)["network"]["nat"]["peers_see"] == rb.addr,
                          f"B's peers to report it at {rb.addr}", timeout=20, interval=0.5)
-            print(f"    B: {_swarm_of(b, root).get('peers_by')}; P served {served} rendezvous; "
+            print(f"    B: {T.swarm_of(b, root).get('peers_by')}; P served {served} rendezvous; "
                   f"peers see B at {T.status_json(b)['network']['nat']['peers_see']}")
         finally:
             for x in mounts:

@@ -28,25 +28,6 @@ def seeder(tag, data, rel="file.bin", opts=()):
     return m, root, port
 
 
-def swarm_of(m, root):
-    for s in T.status_json(m)["swarms"]:
-        if s["root"] == root:
-            return s
-    return None
-
-
-def read_range(path, off, length):
-    with open(path, "rb", buffering=0) as f:
-        f.seek(off)
-        out = b""
-        while len(out) < length:
-            chunk = f.read(length - len(out))
-            if not chunk:
-                break
-            out += chunk
-        return out
-
-
 def test_dht_discovery_three_nodes_64mib():
     """A shares 64 MiB; B and C know only A as their DHT bootstrap node. Each finds A through
     the DHT (A announced the root's swarm key), and reads the file by hash through its own
@@ -100,7 +81,7 @@ def test_random_read_fetches_little():
     data = T.data_of(64 * MIB, 302)
     a, root, port_a = seeder("lazy-a", data)
     d = T.Mount("lazy-d", opts=[f"peers=127.0.0.1:{port_a}"])
-    got = read_range(d.by_hash(root), 40 * MIB, 64 << 10)
+    got = T.read_range(d.by_hash(root), 40 * MIB, 64 << 10)
     T.check_bytes(got, data[40 * MIB:40 * MIB + (64 << 10)], "64 KiB at 40 MiB")
     fetched = T.status_json(d)["network"]["bytes_in"]
     check(0 < fetched < MIB, f"bytes fetched for a 64 KiB read: {fetched}")
@@ -122,7 +103,7 @@ def test_seeder_killed_mid_read():
             chunk = f.read(min(MIB, half - len(first)))
             check(chunk, "short read before the kill")
             first += chunk
-        sw = swarm_of(r, root)
+        sw = T.swarm_of(r, root)
         check(sw and sw["peers"] == 2, "the reader is connected to both seeders", sw)
         s1.kill9()
         rest = b""
@@ -202,7 +183,7 @@ def test_pinned_root_is_fetched_completely():
                        timeout=60)
     check_eq(r.returncode, 0, f"digfs pin ({r.stderr.strip()})")
     blocks = (len(data) + T.LEAF - 1) // T.LEAF
-    T.wait_until(lambda: (swarm_of(d, root) or {}).get("blocks_held") == blocks,
+    T.wait_until(lambda: (T.swarm_of(d, root) or {}).get("blocks_held") == blocks,
                  "every block of the pinned root", timeout=120)
     a.kill9()
     T.check_bytes(T.read_file(d.by_hash(root)), data, "pinned root read with the seeder gone")
@@ -276,13 +257,13 @@ def test_endgame_routes_around_a_stalled_peer():
         a, root, port_a = seeder("endgame-a", data)
         d = T.Mount("endgame-d", opts=[f"peers=127.0.0.1:{stalled.port}+127.0.0.1:{port_a}"])
         check_eq(os.stat(d.by_hash(root)).st_size, len(data), "size after lookup")
-        T.wait_until(lambda: (swarm_of(d, root) or {}).get("peers") == 2,
+        T.wait_until(lambda: (T.swarm_of(d, root) or {}).get("peers") == 2,
                      "the reader to be connected to both peers")
         r = subprocess.run([T.BIN, "pin", d.by_hash(root)], capture_output=True, text=True,
                            timeout=60)
         check_eq(r.returncode, 0, f"digfs pin ({r.stderr.strip()})")
         blocks = (len(data) + T.LEAF - 1) // T.LEAF
-        T.wait_until(lambda: (swarm_of(d, root) or {}).get("blocks_held") == blocks,
+        T.wait_until(lambda: (T.swarm_of(d, root) or {}).get("blocks_held") == blocks,
                      "every block despite the stalled peer", timeout=30)
         check(stalled.stalled > 0, "the stalled peer was asked for blocks (the test proves "
               "nothing otherwise)")
@@ -357,11 +338,11 @@ def test_file_over_32_gib():
     d = T.Mount("big-d", opts=[f"peers=127.0.0.1:{port_a}", "lookup_timeout=60"])
     check_eq(os.stat(d.by_hash(root)).st_size, size, "size of a 33 GiB file after lookup")
     off = 20 << 30
-    got = read_range(d.by_hash(root), off - 100, 64 << 10)
+    got = T.read_range(d.by_hash(root), off - 100, 64 << 10)
     want = bytearray(64 << 10)
     want[100:100 + len(marks[off])] = marks[off]
     T.check_bytes(got, bytes(want), "64 KiB around the 20 GiB mark")
-    T.check_bytes(read_range(d.by_hash(root), size - 5, 5), b"end!!", "the last bytes")
+    T.check_bytes(T.read_range(d.by_hash(root), size - 5, 5), b"end!!", "the last bytes")
     fetched = T.status_json(d)["network"]["bytes_in"]
     check(fetched < 4 * MIB, f"bytes fetched for two small reads of a 33 GiB file: {fetched}")
 

@@ -19,13 +19,6 @@ from digfs_test import check, check_eq  # noqa: E402
 MIB = 1 << 20
 
 
-def swarm_of(m, root):
-    for s in T.status_json(m)["swarms"]:
-        if s["root"] == root:
-            return s
-    return {}
-
-
 def timed_read(path):
     t0 = time.monotonic()
     data = T.read_file(path)
@@ -42,7 +35,7 @@ def test_loopback_prefer_utp_64mib():
     b = T.Mount("utp-b", opts=[f"peers=127.0.0.1:{port_a}", "prefer_utp=yes"])
     got, secs = timed_read(b.by_hash(root))
     T.check_bytes(got, data, "64 MiB read over uTP")
-    sw = swarm_of(b, root)
+    sw = T.swarm_of(b, root)
     by = sw.get("peers_by", {})
     check(by.get("utp", 0) >= 1 and by.get("tcp", 0) == 0,
           "B's peer for the root is connected over uTP, not TCP", sw)
@@ -102,7 +95,7 @@ def test_lab_loss_and_delay():
                 before = T.status_json(a)["network"]["nat"]["utp"]["retransmits"]
                 got, secs = timed_read(b.by_hash(root))
                 T.check_bytes(got, data, f"{mib} MiB over uTP, {name}")
-                by = swarm_of(b, root).get("peers_by", {})
+                by = T.swarm_of(b, root).get("peers_by", {})
                 check(by.get("utp", 0) >= 1 and by.get("tcp", 0) == 0,
                       f"{name}: connected over uTP", by)
                 retr = T.status_json(a)["network"]["nat"]["utp"]["retransmits"] - before
