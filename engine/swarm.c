@@ -105,6 +105,7 @@ struct peer {
     unsigned nhreqs;
     uint64_t accounted_in, accounted_out;
     uint64_t last_in;   /* when its last message came */
+    uint64_t asked_at;  /* its first request or hash request since its last message, or 0 */
     uint8_t nat;        /* its NAT class from its hello (0: unknown) */
     uint64_t hp_window; /* start of the minute its rendezvous asks count in */
     unsigned hp_count;
@@ -781,6 +782,8 @@ static void send_hash_request(struct peer *p, uint8_t layer, uint32_t index, uin
     p->hreqs[p->nhreqs].index = index;
     p->hreqs[p->nhreqs].count = count;
     p->hreqs[p->nhreqs].sent_at = now_ms(p->sw->s);
+    if (!p->asked_at)
+        p->asked_at = now_ms(p->sw->s);
     p->nhreqs++;
     send_buf(p, b, dg_peer_msg_hash_request(layer, index, count, 0, b, sizeof(b)));
 }
@@ -869,6 +872,8 @@ static void send_request(struct peer *p, uint32_t block)
     p->reqs[p->nreqs].block = block;
     p->reqs[p->nreqs].sent_at = now_ms(p->sw->s);
     p->nreqs++;
+    if (!p->asked_at)
+        p->asked_at = now_ms(p->sw->s);
     if (p->sw->known && block < p->sw->nblocks && p->sw->requested[block] < 255)
         p->sw->requested[block]++;
     send_buf(p, b, dg_peer_msg_request(block, b, sizeof(b)));
@@ -1731,6 +1736,7 @@ static int on_message(struct dg_peer_conn *c, const struct dg_peer_msg *m)
 
     account(p);
     p->last_in = now_ms(sw->s);
+    p->asked_at = 0;
     sw->last_used = now_ms(sw->s);
     if (!p->got_hello && m->type != DG_PEER_MSG_HELLO)
         return DG_PEER_CLOSE_PROTOCOL; /* hello comes first */
@@ -2525,14 +2531,11 @@ static void expire(struct swarm *sw, uint64_t now)
     }
     for (struct peer *p = sw->peers, *next; p; p = next) {
         next = p->next;
-        /* Requests out and nothing heard for STALL_MS (not even a keep-alive of the transport
-         * would help: a NAT on the way forgot the mapping, a relay died): drop the connection
-         * so that it can be made again, or the blocks asked elsewhere. */
-        uint64_t oldest = now;
-        for (size_t i = 0; i < p->nreqs; i++)
-            oldest = p->reqs[i].sent_at < oldest ? p->reqs[i].sent_at : oldest;
-        if (p->got_hello && p->nreqs > 0 && now - p->last_in >= STALL_MS &&
-            now - oldest >= STALL_MS) {
+        /* Blocks or hashes asked for, and not a message since the first of those asks for
+         * STALL_MS (a NAT on the way forgot the mapping, a relay died): drop the connection so
+         * that it can be made again, or the blocks asked elsewhere. */
+        if (p->got_hello && (p->nreqs > 0 || p->nhreqs > 0) && p->asked_at &&
+            now - p->asked_at >= STALL_MS) {
             sw->s->stats.stalled++;
             dg_peer_conn_close(p->conn, DG_PEER_CLOSE_TIMEOUT);
             continue;

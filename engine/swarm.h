@@ -112,7 +112,7 @@ struct dg_swarm_stats {
     uint64_t announces;  /* announces started */
     uint64_t traversals; /* NAT traversals asked of a rendezvous (punch or relay) */
     uint64_t rendezvous; /* holepunch asks we served as the peer connected to both (3.9) */
-    uint64_t stalled;    /* connections dropped: silent for 15 s while owing blocks */
+    uint64_t stalled;    /* connections dropped: silent 15 s while owing blocks or hashes */
     uint64_t replaced;   /* silent connections a new one from the same node replaced */
 };
 
