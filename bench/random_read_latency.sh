@@ -72,26 +72,8 @@ if [ "$nreads" -gt $((size_mib * 16)) ]; then
 fi
 
 # --- Loopback only: re-execute in a fresh network namespace. ---------------------------------
-only_loopback()
-{
-    local ifs
-    ifs=$(ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | xargs)
-    [ "$ifs" = lo ] && ip -o link show lo | grep -q '[<,]UP[,>]'
-}
-if [ "${DIGFS_SWARM_BENCH_NETNS:-}" != 1 ]; then
-    if ! command -v unshare >/dev/null || ! unshare -n true 2>/dev/null; then
-        echo "random_read_latency.sh: cannot create a network namespace (needs root and" \
-            "unshare): refusing to run outside one" >&2
-        exit 1
-    fi
-    # shellcheck disable=SC2016 # $0 and $@ are the inner shell's
-    exec unshare -n env DIGFS_SWARM_BENCH_NETNS=1 \
-        bash -c 'ip link set lo up && exec "$0" "$@"' "$self" "${args_given[@]}"
-fi
-if ! only_loopback; then
-    echo "random_read_latency.sh: not in a loopback-only network namespace: refusing to run" >&2
-    exit 1
-fi
+. "$repo/bench/loopback.sh"
+loopback_only random_read_latency.sh "$self" "${args_given[@]}"
 
 # --- Tools. ----------------------------------------------------------------------------------
 bin=${DIGFS_BIN:-$repo/build-release/digfs}

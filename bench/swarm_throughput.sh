@@ -100,27 +100,8 @@ for c in "${counts_a[@]}"; do
 done
 
 # --- Loopback only: re-execute in a fresh network namespace. ---------------------------------
-only_loopback()
-{
-    local ifs
-    ifs=$(ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | xargs)
-    [ "$ifs" = lo ] && ip -o link show lo | grep -q '[<,]UP[,>]'
-}
-if [ "${DIGFS_SWARM_BENCH_NETNS:-}" != 1 ]; then
-    if ! command -v unshare >/dev/null || ! unshare -n true 2>/dev/null; then
-        echo "swarm_throughput.sh: cannot create a network namespace (needs root and unshare):" \
-            "refusing to run outside one" >&2
-        exit 1
-    fi
-    # shellcheck disable=SC2016 # $0 and $@ are the inner shell's
-    exec unshare -n env DIGFS_SWARM_BENCH_NETNS=1 \
-        bash -c 'ip link set lo up && exec "$0" "$@"' "$self" "${args_given[@]}"
-fi
-if ! only_loopback; then
-    echo "swarm_throughput.sh: not in a loopback-only network namespace (interfaces:" \
-        "$(ip -o link show | awk -F': ' '{ print $2 }' | xargs)): refusing to run" >&2
-    exit 1
-fi
+. "$repo/bench/loopback.sh"
+loopback_only swarm_throughput.sh "$self" "${args_given[@]}"
 
 # --- Tools. ----------------------------------------------------------------------------------
 py=${LT_PYTHON:-/usr/bin/python3}

@@ -108,14 +108,21 @@ class LabError(RuntimeError):
 
 # --------------------------------------------------------------------------- environment
 
-def _proc_starttime(pid):
-    """Start time (clock ticks since boot) of @pid, or None if it does not exist."""
+def _proc_stat(pid):
+    """The fields of /proc/@pid/stat after the command name (state first), or None if the
+    process does not exist."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             st = f.read()
     except OSError:
         return None
-    return int(st[st.rindex(")") + 2:].split()[19])
+    return st[st.rindex(")") + 2:].split()
+
+
+def _proc_starttime(pid):
+    """Start time (clock ticks since boot) of @pid, or None if it does not exist."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def _owner_alive(pid, start):
@@ -369,12 +376,8 @@ def pids_in_namespaces(names):
 
 
 def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except OSError:
-        return False
-    return st[st.rindex(")") + 2:].split()[0] not in ("Z", "X")
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def _kill_pids(pids, grace=3.0):
